@@ -1,0 +1,7 @@
+"""``python -m flux``: the same as the ``flux`` command."""
+
+import sys
+
+from flux.cli import main
+
+sys.exit(main())

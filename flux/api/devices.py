@@ -1,0 +1,53 @@
+"""Device queries: the device list, one device, and its latest events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+
+from flux.errors import NotFound
+from flux.store import queries
+
+router = APIRouter(tags=["devices"])
+
+DeviceId = Annotated[str, Path(min_length=1, max_length=255)]
+
+
+@router.get("/devices")
+async def list_devices(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """List known devices with first/last seen, message count and last payload."""
+    return await queries.list_devices(request.app.state.gateway.engine, limit=limit, offset=offset)
+
+
+@router.get("/devices/{device_id}", responses={404: {"description": "unknown device"}})
+async def get_device(request: Request, device_id: DeviceId) -> dict[str, Any]:
+    device = await queries.get_device(request.app.state.gateway.engine, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}", device_id=device_id)
+    return device
+
+
+@router.get("/devices/{device_id}/events")
+async def device_events(
+    request: Request,
+    device_id: DeviceId,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    """Return a device's newest events, newest first."""
+    return await queries.device_events(request.app.state.gateway.engine, device_id, limit=limit)
+
+
+@router.get("/dead-letters")
+async def dead_letters(
+    request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[dict[str, Any]]:
+    """Return the newest dead letters with their reason."""
+    return await queries.list_dead_letters(request.app.state.gateway.engine, limit=limit)
+
+
+__all__ = ["router"]

@@ -1,0 +1,109 @@
+"""Event ingest over HTTP: treated exactly like an MQTT message, answered after commit."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Body, Request
+from pydantic import BaseModel, Field
+
+from flux.errors import InvalidEvent, NotReady, StoreUnavailable
+from flux.events import DeadLetter, Event, make_event
+
+router = APIRouter(tags=["events"])
+
+MAX_BATCH_EVENTS = 10_000
+
+
+class EventIn(BaseModel):
+    topic: str = Field(min_length=1, max_length=1024, examples=["devices/dev-1/telemetry"])
+    payload: dict[str, Any] = Field(examples=[{"temperature": 31.5, "humidity": 40}])
+
+
+class StoredEvent(BaseModel):
+    id: str
+    topic: str
+    device_id: str | None
+
+
+class StoredEvents(BaseModel):
+    count: int
+    ids: list[str]
+
+
+class _Done:
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def __call__(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def _to_event(item: EventIn, *, max_bytes: int, index: int | None = None) -> Event:
+    created = make_event(item.topic, orjson.dumps(item.payload), max_bytes=max_bytes, source="http")
+    if isinstance(created, DeadLetter):
+        where = f"events[{index}]: " if index is not None else ""
+        raise InvalidEvent(where + created.detail, reason=created.reason)
+    return created
+
+
+async def _store(request: Request, batch: list[Event]) -> None:
+    """Publish ``batch`` and wait until every event is committed."""
+    gateway = request.app.state.gateway
+    if not gateway.accepting:
+        raise NotReady("the gateway is not accepting events (starting or stopping)")
+    loop = asyncio.get_running_loop()
+    futures = []
+    for event in batch:
+        future: asyncio.Future[None] = loop.create_future()
+        event.ack = _Done(future)
+        futures.append(future)
+    timeout = gateway.settings.server.request_timeout_s
+    try:
+        await asyncio.wait_for(gateway.ingest(batch), timeout)
+        await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    except TimeoutError:
+        raise StoreUnavailable(
+            f"events were accepted but not committed within {timeout:g}s; they may still be "
+            "stored, check by id before retrying",
+            ids=[event.id for event in batch],
+        ) from None
+
+
+@router.post(
+    "/event",
+    status_code=201,
+    response_model=StoredEvent,
+    responses={422: {"description": "invalid event"}, 503: {"description": "not stored"}},
+)
+async def post_event(request: Request, item: Annotated[EventIn, Body()]) -> StoredEvent:
+    """Ingest one event; 201 once it is committed to the database."""
+    max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
+    event = _to_event(item, max_bytes=max_bytes)
+    await _store(request, [event])
+    return StoredEvent(id=event.id, topic=event.topic, device_id=event.device_id)
+
+
+@router.post(
+    "/events",
+    status_code=201,
+    response_model=StoredEvents,
+    responses={422: {"description": "invalid event"}, 503: {"description": "not stored"}},
+)
+async def post_events(
+    request: Request,
+    items: Annotated[list[EventIn], Body(max_length=MAX_BATCH_EVENTS)],
+) -> StoredEvents:
+    """Ingest a batch in order; validated as a whole (one bad event rejects the batch)."""
+    max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
+    batch = [_to_event(item, max_bytes=max_bytes, index=i) for i, item in enumerate(items)]
+    await _store(request, batch)
+    return StoredEvents(count=len(batch), ids=[event.id for event in batch])
+
+
+__all__ = ["router"]

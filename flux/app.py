@@ -1,0 +1,234 @@
+"""Wire the stages together and own start-up and staged shutdown.
+
+Start: migrate, open the database, start the bus and its store subscriber, make sure a
+broker answers (starting the embedded one if allowed), connect MQTT, serve HTTP.
+Stop, each stage with its own timeout: stop intake (MQTT and HTTP), drain the bus so every
+queued event is committed and acknowledged, let the last PUBACKs go out, then close the
+MQTT connection, the bus, the store and the HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Any, Self
+
+import uvicorn
+from prometheus_client import start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flux.bus import EventBus
+from flux.config import Settings
+from flux.events import DeadLetter, Event
+from flux.ingest.broker import EmbeddedBroker, broker_answers
+from flux.ingest.mqtt import MqttIngest
+from flux.store.database import create_engine
+from flux.store.migrate import upgrade_async
+from flux.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+STORE_SUBSCRIBER = "store"
+
+
+class Gateway:
+    """The running gateway: ``async with Gateway(settings=...) as gw: await gw.wait_stopped()``."""
+
+    def __init__(self, *, settings: Settings, serve_http: bool = True) -> None:
+        self.settings = settings
+        self._serve_http = serve_http
+        self._stack: AsyncExitStack | None = None
+        self._stop_requested = asyncio.Event()
+        self.accepting = False
+        self.stopping = False
+        self.engine: AsyncEngine | None = None
+        self.bus = EventBus(
+            capacity=settings.eventbus.capacity, overflow=settings.eventbus.overflow
+        )
+        self.writer: StoreWriter | None = None
+        self.mqtt: MqttIngest | None = None
+        self.broker: EmbeddedBroker | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("the gateway is already running")
+        self._stack = AsyncExitStack()
+        try:
+            await self._start()
+        except BaseException:
+            await self._shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._shutdown()
+
+    async def _start(self) -> None:
+        assert self._stack is not None
+        settings = self.settings
+        await upgrade_async(settings.database)
+        self.engine = create_engine(settings.database)
+        self.writer = await self._stack.enter_async_context(
+            StoreWriter(engine=self.engine, retry_max_delay_s=settings.database.retry_max_delay_s)
+        )
+        self.bus.subscribe(
+            STORE_SUBSCRIBER,
+            self.writer.write_batch,
+            overflow="block",
+            max_batch=settings.database.batch_size,
+            max_wait_s=settings.database.flush_interval_ms / 1000,
+        )
+        await self.bus.__aenter__()
+        await self._ensure_broker()
+        receive_maximum = settings.mqtt.receive_maximum or 2 * settings.database.batch_size
+        self.mqtt = MqttIngest(
+            config=settings.mqtt,
+            publish=self.bus.publish,
+            dead_letter=self.dead_letter,
+            receive_maximum=receive_maximum,
+            max_pending_qos0=settings.eventbus.capacity,
+        )
+        await self.mqtt.__aenter__()
+        self.accepting = True
+        if self._serve_http:
+            await self._start_http()
+        log.info("flux is running")
+
+    async def _ensure_broker(self) -> None:
+        mqtt = self.settings.mqtt
+        if await broker_answers(mqtt.host, mqtt.port):
+            return
+        if mqtt.embedded == "off":
+            log.warning(
+                "no MQTT broker answers at %s:%d; embedded broker is off", mqtt.host, mqtt.port
+            )
+            return
+        if mqtt.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "no MQTT broker answers at %s; the embedded broker only runs on loopback", mqtt.host
+            )
+            return
+        assert self._stack is not None
+        self.broker = await self._stack.enter_async_context(EmbeddedBroker.choose(mqtt))
+
+    async def _start_http(self) -> None:
+        from flux.api import create_api
+
+        server_config = self.settings.server
+        config = uvicorn.Config(
+            create_api(self),
+            host=server_config.host,
+            port=server_config.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http.serve(), name="http")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("the HTTP server stopped during start-up")
+            if loop.time() > deadline:
+                raise RuntimeError("the HTTP server did not start within 10 s")
+            await asyncio.sleep(0.01)
+        metrics = self.settings.metrics
+        if metrics.port:
+            self._metrics_server = start_http_server(metrics.port, addr=metrics.host)
+
+    @property
+    def http_port(self) -> int:
+        """The port the HTTP API listens on (useful when configured as 0)."""
+        if self._http is None or not self._http.servers:
+            raise RuntimeError("the HTTP server is not running")
+        socket = self._http.servers[0].sockets[0]
+        return int(socket.getsockname()[1])
+
+    def request_stop(self) -> None:
+        """Ask the gateway to stop (signal handlers call this)."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop_requested.wait()
+
+    async def _shutdown(self) -> None:
+        if self._stack is None:
+            return
+        self.stopping = True
+        self.accepting = False
+        timeouts = self.settings.shutdown
+        if self.mqtt is not None:
+            self.mqtt.stop_intake()
+        drained = await self.bus.drain(timeouts.drain_timeout_s)
+        if not drained:
+            log.warning("bus not drained at shutdown; still queued: %s", self.bus.depth())
+        if self.mqtt is not None:
+            if not await self.mqtt.wait_idle(timeouts.intake_timeout_s):
+                log.warning(
+                    "%d MQTT messages unacknowledged at shutdown; the broker redelivers them",
+                    self.mqtt.pending,
+                )
+            await self.mqtt.stop()
+            self.mqtt = None
+        await self.bus.__aexit__(None, None, None)
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            try:
+                await asyncio.wait_for(self._http_task, timeouts.close_timeout_s)
+            except (TimeoutError, Exception) as exc:
+                log.warning("HTTP server did not stop cleanly: %s", exc)
+            self._http = None
+        if self._metrics_server is not None:
+            server, _thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            self._metrics_server = None
+        stack, self._stack = self._stack, None
+        await stack.aclose()
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+        log.info("flux stopped")
+
+    # -- intake ---------------------------------------------------------------------------
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        """Store a message that cannot become an event; acknowledged after commit."""
+        assert self.writer is not None
+        await self.writer.add_dead_letter(letter)
+
+    async def ingest(self, events: list[Event]) -> None:
+        """Publish events from the HTTP API in order."""
+        await self.bus.publish_many(events)
+
+    def readiness(self) -> dict[str, bool]:
+        """Return each condition /ready checks."""
+        return {
+            "accepting": self.accepting,
+            "database": self.writer is not None and self.writer.available,
+            "mqtt": self.mqtt is not None and self.mqtt.connected,
+        }
+
+
+async def run(settings: Settings) -> None:
+    """Run the gateway until SIGINT or SIGTERM, then stop in stages."""
+    loop = asyncio.get_running_loop()
+    async with Gateway(settings=settings) as gateway:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, gateway.request_stop)
+        await gateway.wait_stopped()
+        log.info("stopping: intake off, draining the bus")
+
+
+__all__ = ["Gateway", "run"]

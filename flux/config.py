@@ -1,0 +1,207 @@
+"""Typed, frozen configuration loaded once from ``config.toml`` plus ``FLUX_*`` overrides.
+
+An invalid file stops start-up with the key path and the reason, before any connection opens.
+Environment overrides use ``FLUX_<SECTION>__<KEY>``; values are parsed as TOML scalars when
+they look like one (``FLUX_EVENTBUS__CAPACITY=2048``), otherwise taken as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flux.errors import ConfigError
+
+OverflowPolicy = Literal["block", "drop_oldest", "drop_newest"]
+EmbeddedBroker = Literal["auto", "mosquitto", "amqtt", "off"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    api_token: str = ""
+    request_timeout_s: float = Field(30.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    port: int = Field(9090, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
+class MqttConfig(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = "flux-gateway"
+    topics: tuple[str, ...] = ("devices/#",)
+    qos: int = Field(1, ge=0, le=1)
+    shared_group: str = ""
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_insecure: bool = False
+    max_payload_bytes: int = Field(262_144, gt=0, le=268_435_455)
+    embedded: EmbeddedBroker = "auto"
+    embedded_data_dir: str = "data/broker"
+    session_expiry_s: int = Field(86_400, ge=0, le=0xFFFFFFFF)
+    receive_maximum: int = Field(0, ge=0, le=65535)
+    keepalive_s: int = Field(30, ge=5)
+    reconnect_max_delay_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError("the URL names no host")
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _valid_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one topic filter is needed")
+        for topic in value:
+            if not topic or ("#" in topic and not topic.endswith("#")):
+                raise ValueError(f"invalid topic filter {topic!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+
+class EventBusConfig(_Section):
+    capacity: int = Field(1024, ge=1, le=1_000_000)
+    overflow: OverflowPolicy = "block"
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite+aiosqlite:///data/flux.db"
+    batch_size: int = Field(500, ge=1, le=50_000)
+    flush_interval_ms: int = Field(20, ge=1, le=60_000)
+    retention_days: int = Field(30, ge=0)
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    retry_max_delay_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _supported_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://HOST/DB")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+class RulesConfig(_Section):
+    dir: str = "rules"
+
+
+class PluginsConfig(_Section):
+    dir: str = "plugins"
+    pool_size: int = Field(4, ge=1, le=256)
+
+
+class ShutdownConfig(_Section):
+    intake_timeout_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(15.0, gt=0)
+    close_timeout_s: float = Field(5.0, gt=0)
+
+
+class Settings(_Section):
+    server: ServerConfig = ServerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    eventbus: EventBusConfig = EventBusConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    rules: RulesConfig = RulesConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+
+def _parse_env_value(text: str) -> Any:
+    """Read an override as a TOML value when it is one (number, boolean, array), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for name, text in environ.items():
+        if not name.startswith("FLUX_") or "__" not in name:
+            continue
+        section, _, key = name[5:].lower().partition("__")
+        if not section or not key:
+            continue
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError("is not a section", key=section)
+        target[key] = _parse_env_value(text)
+    return merged
+
+
+def _first_error(exc: ValidationError) -> ConfigError:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return ConfigError(message, key=key)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Load and validate the configuration; raise ``ConfigError`` naming the bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from None
+    data = _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+__all__ = [
+    "DatabaseConfig",
+    "EventBusConfig",
+    "MetricsConfig",
+    "MqttConfig",
+    "PluginsConfig",
+    "RulesConfig",
+    "ServerConfig",
+    "Settings",
+    "load_settings",
+]

@@ -1,0 +1,215 @@
+"""The Event contract shared by every stage, and the decoder that turns raw messages into events.
+
+Every stage (bus, rules, plugins, store) sees the same ``Event``. An event is created by
+ingest (MQTT or HTTP) or derived by an action or plugin; it is acknowledged exactly once,
+by the store, after the batch holding it is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from flux.errors import InvalidEvent
+
+Source = Literal["mqtt", "http", "derived"]
+
+#: Dead-letter reasons; each is also a label value of ``flux_dead_letters_total``.
+REASON_TOO_LARGE = "too_large"
+REASON_INVALID_UTF8 = "invalid_utf8"
+REASON_INVALID_JSON = "invalid_json"
+REASON_NOT_AN_OBJECT = "not_an_object"
+REASON_TOPIC_TOO_LONG = "topic_too_long"
+
+#: Longest topic accepted; MQTT allows 64 KiB but no device needs more than this.
+MAX_TOPIC_LENGTH = 1024
+
+
+def _noop() -> None:
+    """Acknowledge nothing: events that need no acknowledgement use this."""
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """One message travelling through the gateway.
+
+    ``ack`` is called once, by the store, after the event is durably committed; for MQTT QoS 1
+    it releases the PUBACK, for HTTP it completes the request.
+    """
+
+    id: str
+    topic: str
+    device_id: str | None
+    payload: dict[str, Any]
+    raw: bytes
+    received_at: float
+    source: Source
+    qos: int = 0
+    hops: int = 0
+    ack: Callable[[], None] = field(default=_noop, repr=False)
+
+    @property
+    def needs_ack(self) -> bool:
+        """True when a sender waits for this event to be stored (MQTT QoS 1, HTTP)."""
+        return self.ack is not _noop
+
+    @property
+    def received_datetime(self) -> datetime:
+        """Return ``received_at`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.received_at, UTC)
+
+
+@dataclass(slots=True, eq=False)
+class DeadLetter:
+    """A message that could not become an event, kept with the reason so nothing is lost."""
+
+    topic: str
+    raw: bytes
+    reason: str
+    detail: str
+    received_at: float
+    source: Source
+    ack: Callable[[], None] = field(default=_noop, repr=False)
+
+
+class _IdGenerator:
+    """Monotonic ULID-style ids: 48-bit milliseconds then 80 bits that start random each ms.
+
+    Ids sort by creation time, are unique within a process (a counter inside one millisecond)
+    and across processes (80 random bits), and cost well under a microsecond.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._low = 0
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                self._low += 1
+            else:
+                self._last_ms = ms
+                self._low = int.from_bytes(os.urandom(10)) >> 1
+            return f"{ms:012x}{self._low:020x}"
+
+
+new_event_id = _IdGenerator()
+
+
+def device_id_for(topic: str, payload: dict[str, Any]) -> str | None:
+    """Return the device id: level two of ``devices/<id>/...``, else ``payload.device_id``."""
+    if topic.startswith("devices/"):
+        end = topic.find("/", 8)
+        candidate = topic[8:end] if end != -1 else topic[8:]
+        if candidate:
+            return candidate
+    value = payload.get("device_id")
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Decode a message body into a JSON object or raise ``InvalidEvent`` with the reason.
+
+    orjson rejects NaN/Infinity, integers beyond 64 bits and nesting deeper than 1024, so
+    none of those can reach a rule, a plugin or the database.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidEvent(
+            f"payload is {len(raw)} bytes, the limit is {max_bytes}", reason=REASON_TOO_LARGE
+        )
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc)
+        reason = REASON_INVALID_UTF8 if "utf-8" in message.lower() else REASON_INVALID_JSON
+        raise InvalidEvent(f"payload is not valid JSON: {message}", reason=reason) from None
+    if not isinstance(value, dict):
+        raise InvalidEvent(
+            f"payload must be a JSON object, got {type(value).__name__}",
+            reason=REASON_NOT_AN_OBJECT,
+        )
+    return value
+
+
+def make_event(
+    topic: str,
+    raw: bytes,
+    *,
+    max_bytes: int,
+    source: Source,
+    qos: int = 0,
+    received_at: float | None = None,
+) -> Event | DeadLetter:
+    """Turn one raw message into an ``Event``, or a ``DeadLetter`` saying why it cannot be one."""
+    now = time.time() if received_at is None else received_at
+    if len(topic) > MAX_TOPIC_LENGTH:
+        return DeadLetter(
+            topic=topic[:MAX_TOPIC_LENGTH],
+            raw=raw[:max_bytes],
+            reason=REASON_TOPIC_TOO_LONG,
+            detail=f"topic is {len(topic)} characters, the limit is {MAX_TOPIC_LENGTH}",
+            received_at=now,
+            source=source,
+        )
+    try:
+        payload = decode_payload(raw, max_bytes=max_bytes)
+    except InvalidEvent as exc:
+        return DeadLetter(
+            topic=topic,
+            raw=raw,
+            reason=exc.reason,
+            detail=exc.message,
+            received_at=now,
+            source=source,
+        )
+    return Event(
+        id=new_event_id(),
+        topic=topic,
+        device_id=device_id_for(topic, payload),
+        payload=payload,
+        raw=raw,
+        received_at=now,
+        source=source,
+        qos=qos,
+    )
+
+
+def derive_event(parent: Event, *, topic: str, payload: dict[str, Any]) -> Event:
+    """Create an event emitted by a rule action or a plugin; its hop count grows by one."""
+    raw = orjson.dumps(payload)
+    return Event(
+        id=new_event_id(),
+        topic=topic,
+        device_id=device_id_for(topic, payload) or parent.device_id,
+        payload=payload,
+        raw=raw,
+        received_at=time.time(),
+        source="derived",
+        hops=parent.hops + 1,
+    )
+
+
+__all__ = [
+    "MAX_TOPIC_LENGTH",
+    "DeadLetter",
+    "Event",
+    "decode_payload",
+    "derive_event",
+    "device_id_for",
+    "make_event",
+    "new_event_id",
+]

@@ -1,0 +1,158 @@
+"""The embedded broker: started on loopback when nothing answers at the configured address.
+
+``auto`` prefers a child ``mosquitto`` when it is on PATH (a C broker with MQTT v5, disk
+persistence and ~10x amqtt's throughput) and falls back to amqtt, a pure-Python broker that
+runs in-process (MQTT 3.1.1 only; gmqtt falls back to 3.1.1 with it; sessions live in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Self
+
+from flux.config import MqttConfig
+from flux.errors import FluxError
+
+log = logging.getLogger(__name__)
+
+#: What the embedded Mosquitto queues per persistent session while the gateway is away.
+#: Mosquitto's own default is 1000, beyond which it drops messages.
+EMBEDDED_MAX_QUEUED_MESSAGES = 1_000_000
+
+
+class BrokerStartError(FluxError):
+    """The embedded broker could not be started."""
+
+
+async def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Return True when something accepts TCP connections at ``host:port``."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def mosquitto_config(*, host: str, port: int, data_dir: Path, max_payload_bytes: int) -> str:
+    """Return a Mosquitto configuration for a loopback-only, persistent, anonymous broker."""
+    return "\n".join(
+        [
+            f"listener {port} {host}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 10",
+            f"max_queued_messages {EMBEDDED_MAX_QUEUED_MESSAGES}",
+            f"message_size_limit {max_payload_bytes * 4}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]
+    )
+
+
+class EmbeddedBroker:
+    """Run a broker for the gateway's lifetime; ``kind`` is ``mosquitto`` or ``amqtt``."""
+
+    def __init__(self, *, kind: str, host: str, port: int, data_dir: Path, max_payload_bytes: int):
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self._data_dir = data_dir
+        self._max_payload_bytes = max_payload_bytes
+        self._process: asyncio.subprocess.Process | None = None
+        self._amqtt: Any = None
+
+    @classmethod
+    def choose(cls, config: MqttConfig) -> EmbeddedBroker:
+        """Pick the broker implementation the configuration asks for."""
+        kind = config.embedded
+        if kind == "auto":
+            kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+        return cls(
+            kind=kind,
+            host=config.host,
+            port=config.port,
+            data_dir=Path(config.embedded_data_dir),
+            max_payload_bytes=config.max_payload_bytes,
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._process is not None or self._amqtt is not None:
+            raise RuntimeError("the embedded broker is already running")
+        if self.kind == "mosquitto":
+            await self._start_mosquitto()
+        else:
+            await self._start_amqtt()
+        log.info("embedded %s broker listening on %s:%d", self.kind, self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            process, self._process = self._process, None
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 5)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+        if self._amqtt is not None:
+            broker, self._amqtt = self._amqtt, None
+            await broker.shutdown()
+
+    async def _start_mosquitto(self) -> None:
+        executable = shutil.which("mosquitto")
+        if executable is None:
+            raise BrokerStartError("mosquitto is not on PATH")
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        config_file = self._data_dir / "mosquitto.conf"
+        config_file.write_text(
+            mosquitto_config(
+                host=self.host,
+                port=self.port,
+                data_dir=self._data_dir.resolve(),
+                max_payload_bytes=self._max_payload_bytes,
+            )
+        )
+        self._process = await asyncio.create_subprocess_exec(
+            executable, "-c", str(config_file), stdin=asyncio.subprocess.DEVNULL
+        )
+        await self._wait_until_listening()
+
+    async def _start_amqtt(self) -> None:
+        from amqtt.broker import Broker
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+        self._amqtt = Broker(config)
+        await self._amqtt.start()
+        await self._wait_until_listening()
+
+    async def _wait_until_listening(self, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self._process is not None and self._process.returncode is not None:
+                raise BrokerStartError(
+                    f"mosquitto exited with code {self._process.returncode} at start"
+                )
+            if await broker_answers(self.host, self.port, timeout=0.5):
+                return
+            await asyncio.sleep(0.05)
+        raise BrokerStartError(f"the embedded broker did not listen on {self.host}:{self.port}")
+
+
+__all__ = ["BrokerStartError", "EmbeddedBroker", "broker_answers", "mosquitto_config"]

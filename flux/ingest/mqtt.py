@@ -1,0 +1,285 @@
+"""MQTT ingest over gmqtt: persistent session, acknowledgement only after commit.
+
+gmqtt runs ``on_message`` as a task per message and sends the PUBACK when that coroutine
+returns (``optimistic_acknowledgement=False``). Our coroutine publishes the event on the bus
+and, for QoS 1, waits until the store has committed it. The broker's Receive Maximum bounds
+how many unacknowledged messages are in flight; for QoS 0, which it does not bound, reading
+from the socket pauses while too many messages wait for the bus.
+
+A PUBACK for a message that arrived on a connection since lost is withheld: after a reconnect
+a packet id may name a different message, and the broker redelivers the old one anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Self
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
+
+from flux.config import MqttConfig
+from flux.errors import FluxError
+from flux.events import DeadLetter, Event, make_event
+from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
+
+log = logging.getLogger(__name__)
+
+#: PUBACK reason code our handler returns to mean "do not acknowledge" (never sent).
+_WITHHOLD = 0x83
+_ACCEPTED = 0
+_RECONNECT_FIRST_DELAY_S = 0.2
+
+
+class MqttConnectError(FluxError):
+    """The broker refused or did not answer the first connection."""
+
+
+class _GatewayClient(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt client that never sends an error PUBACK: a withheld ack is simply not sent."""
+
+    def _send_command_with_mid(self, cmd: int, mid: int, dup: bool, reason_code: int = 0) -> None:
+        if cmd == MQTTCommands.PUBACK and reason_code != _ACCEPTED:
+            MQTT_STALE_ACKS.inc()
+            return
+        super()._send_command_with_mid(cmd, mid, dup, reason_code=reason_code)
+
+
+def _tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
+    if not config.uses_tls:
+        return False
+    context = ssl.create_default_context(cafile=config.tls_ca_file or None)
+    if config.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _AckSignal:
+    """Resolve a future once; the store calls it after commit (possibly after shutdown)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def __call__(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class MqttIngest:
+    """Subscribe to the configured topics and feed every message to ``publish``/``dead_letter``."""
+
+    def __init__(
+        self,
+        *,
+        config: MqttConfig,
+        publish: Callable[[Event], Awaitable[None]],
+        dead_letter: Callable[[DeadLetter], Awaitable[None]],
+        receive_maximum: int,
+        max_pending_qos0: int = 1024,
+    ) -> None:
+        self._config = config
+        self._publish = publish
+        self._dead_letter = dead_letter
+        self._receive_maximum = max(1, min(receive_maximum, 65535))
+        self._max_pending = max_pending_qos0
+        self._pending = 0
+        self._reading_paused = False
+        self._generation = 0
+        self._connected = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._client: _GatewayClient | None = None
+        self._delay = _RECONNECT_FIRST_DELAY_S
+        self._accepting = True
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet acknowledged or handed over."""
+        return self._pending
+
+    def subscriptions(self) -> list[str]:
+        """Return the topic filters to subscribe, with the shared-subscription prefix if any."""
+        group = self._config.shared_group
+        return [f"$share/{group}/{topic}" if group else topic for topic in self._config.topics]
+
+    async def __aenter__(self) -> Self:
+        if self._client is not None:
+            raise RuntimeError("the MQTT ingest is already running")
+        config = self._config
+        client = _GatewayClient(
+            config.client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=config.session_expiry_s,
+            receive_maximum=self._receive_maximum,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        if config.username:
+            client.set_auth_credentials(config.username, config.password or None)
+        client.reconnect_delay = self._delay
+        self._client = client
+        try:
+            await client.connect(
+                config.host,
+                config.port,
+                ssl=_tls_context(config),
+                keepalive=config.keepalive_s,
+                version=MQTTv50,
+            )
+        except Exception as exc:
+            self._client = None
+            raise MqttConnectError(
+                f"cannot connect to the MQTT broker at {config.host}:{config.port}: {exc}"
+            ) from exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def stop_intake(self) -> None:
+        """Stop passing new messages on; they stay unacknowledged and are redelivered later."""
+        self._accepting = False
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        self._accepting = False
+        self._generation += 1  # acks still pending now would belong to a dead connection
+        try:
+            await asyncio.wait_for(
+                client.disconnect(session_expiry_interval=self._config.session_expiry_s), 5
+            )
+        except (TimeoutError, OSError, Exception) as exc:
+            log.warning("MQTT disconnect did not complete cleanly: %s", exc)
+        self._set_connected(False)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no message is between arrival and acknowledgement; False on timeout."""
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        # Let the PUBACK callbacks of the last completed handlers run before anyone closes.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return self._pending == 0
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- gmqtt callbacks (on the event loop) ----------------------------------------------
+
+    def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
+        self._generation += 1
+        self._delay = _RECONNECT_FIRST_DELAY_S
+        client.reconnect_delay = self._delay
+        qos = self._config.qos
+        for topic in self.subscriptions():
+            client.subscribe(topic, qos=qos)
+        self._set_connected(True)
+        log.info(
+            "connected to MQTT broker %s:%d, subscribed %s",
+            self._config.host,
+            self._config.port,
+            self.subscriptions(),
+        )
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
+        self._generation += 1
+        if self._client is not None:
+            MQTT_RECONNECTS.inc()
+            # Capped exponential backoff with jitter for gmqtt's next reconnect attempts.
+            self._delay = min(self._delay * 2, self._config.reconnect_max_delay_s)
+            client.reconnect_delay = self._delay * (0.5 + random.random() / 2)
+            log.warning("MQTT connection lost; reconnecting (next delay %.1fs)", self._delay)
+        self._set_connected(False)
+        self._resume_reading()
+
+    async def _on_message(
+        self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: Any
+    ) -> int:
+        generation = self._generation
+        if not self._accepting:
+            return _WITHHOLD
+        MQTT_MESSAGES.labels(qos=str(qos)).inc()
+        if isinstance(topic, bytes):
+            topic = topic.decode("utf-8", "replace")
+        item = make_event(
+            topic, payload, max_bytes=self._config.max_payload_bytes, source="mqtt", qos=qos
+        )
+        done: asyncio.Future[None] | None = None
+        if qos > 0:
+            done = asyncio.get_running_loop().create_future()
+            item.ack = _AckSignal(done)
+        self._pending += 1
+        self._idle.clear()
+        if qos == 0 and self._pending > self._max_pending:
+            self._pause_reading()
+        try:
+            if isinstance(item, Event):
+                await self._publish(item)
+            else:
+                await self._dead_letter(item)
+            if done is not None:
+                await done
+        except Exception:
+            log.exception("message on %s could not be handed over; it will be redelivered", topic)
+            return _WITHHOLD
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+            if self._reading_paused and self._pending <= self._max_pending // 2:
+                self._resume_reading()
+        if generation != self._generation:
+            return _WITHHOLD
+        return _ACCEPTED
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _transport(self) -> asyncio.Transport | None:
+        connection = getattr(self._client, "_connection", None)
+        return getattr(connection, "_transport", None)
+
+    def _pause_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+
+    def _resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        transport = self._transport()
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        MQTT_CONNECTED.set(1 if connected else 0)
+        DEGRADED.labels(reason="mqtt_disconnected").set(0 if connected else 1)
+
+
+__all__ = ["MqttConnectError", "MqttIngest"]

@@ -1,0 +1,250 @@
+"""The batched writer: one Core bulk insert per batch, commit, then acknowledge in order.
+
+Acknowledgement comes strictly after commit: an MQTT QoS 1 message is PUBACKed, an HTTP
+request answered, only once its row is durable. A database that is away makes the writer
+retry with capped, jittered backoff and acknowledge nothing meanwhile; the bus fills and
+back-pressure reaches the senders. A row the database rejects outright (not an outage:
+for example a string PostgreSQL's JSONB cannot hold) becomes a dead letter so one bad event
+cannot wedge the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Self
+
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from flux.events import DeadLetter, Event
+from flux.metrics import (
+    DB_BATCH_SIZE,
+    DB_QUERY_DURATION,
+    DB_WRITE_ERRORS,
+    DEAD_LETTERS,
+    DEGRADED,
+)
+from flux.store.database import writer_connection
+from flux.store.schema import dead_letters, devices, events
+
+log = logging.getLogger(__name__)
+
+REASON_STORE_REJECTED = "store_rejected"
+_DEAD_LETTER_BATCH = 256
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _event_row(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "device_id": event.device_id,
+        "topic": event.topic,
+        "payload": event.payload,
+        "received_at": _utc(event.received_at),
+        "source": event.source,
+        "hops": event.hops,
+    }
+
+
+def _device_rows(batch: Sequence[Event]) -> list[dict[str, Any]]:
+    """Fold a batch into one row per device (first/last seen, count, last payload)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for event in batch:
+        if event.device_id is None:
+            continue
+        row = summary.get(event.device_id)
+        if row is None:
+            summary[event.device_id] = {
+                "id": event.device_id,
+                "first_seen": event.received_at,
+                "last_seen": event.received_at,
+                "message_count": 1,
+                "last_payload": event.payload,
+            }
+        else:
+            row["last_seen"] = max(row["last_seen"], event.received_at)
+            row["message_count"] += 1
+            row["last_payload"] = event.payload
+    rows = [summary[key] for key in sorted(summary)]  # one lock order across workers
+    for row in rows:
+        row["first_seen"] = _utc(row["first_seen"])
+        row["last_seen"] = _utc(row["last_seen"])
+    return rows
+
+
+def _dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "topic": letter.topic,
+        "payload": letter.raw,
+        "reason": letter.reason,
+        "detail": letter.detail,
+        "source": letter.source,
+        "received_at": _utc(letter.received_at),
+    }
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Tell a database that is away (retry later) from one that rejects the data (never)."""
+    if isinstance(exc, OperationalError | OSError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    return False
+
+
+class StoreWriter:
+    """Write event batches and dead letters, retrying through outages, acking after commit."""
+
+    def __init__(self, *, engine: AsyncEngine, retry_max_delay_s: float = 10.0) -> None:
+        self._engine = engine
+        self._retry_max_delay_s = retry_max_delay_s
+        dialect = engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=1024)
+        self._dead_letter_task: asyncio.Task[None] | None = None
+        self.available = True
+        self.last_error = ""
+        self.on_availability: Callable[[bool], None] | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._dead_letter_task is not None:
+            raise RuntimeError("the store writer is already running")
+        self._dead_letter_task = asyncio.create_task(
+            self._dead_letter_loop(), name="store:dead-letters"
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._dead_letter_task = self._dead_letter_task, None
+        if task is not None:
+            await self._drain_dead_letters(timeout=5.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def write_batch(self, batch: list[Event]) -> None:
+        """Commit ``batch`` (retrying through outages), then acknowledge it in arrival order."""
+        if not batch:
+            return
+        rejected = await self._with_retry(partial(self._insert_events, batch=batch))
+        if rejected:
+            await self._isolate_rejected(batch)
+        DB_BATCH_SIZE.observe(len(batch))
+        for event in batch:
+            event.ack()
+
+    async def _insert_events(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
+        await conn.execute(insert(events), [_event_row(event) for event in batch])
+        device_rows = _device_rows(batch)
+        if device_rows:
+            statement = self._insert(devices)
+            statement = statement.on_conflict_do_update(
+                index_elements=[devices.c.id],
+                set_={
+                    "last_seen": statement.excluded.last_seen,
+                    "message_count": devices.c.message_count + statement.excluded.message_count,
+                    "last_payload": statement.excluded.last_payload,
+                },
+            )
+            await conn.execute(statement, device_rows)
+
+    async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
+        """Write a rejected batch one event at a time; dead-letter the ones refused."""
+        for event in batch:
+            rejected = await self._with_retry(partial(self._insert_events, batch=[event]))
+            if rejected:
+                letter = DeadLetter(
+                    topic=event.topic,
+                    raw=event.raw,
+                    reason=REASON_STORE_REJECTED,
+                    detail=f"the database refused the event: {rejected}",
+                    received_at=event.received_at,
+                    source=event.source,
+                )
+                await self._with_retry(partial(self._insert_dead_letters, batch=[letter]))
+                DEAD_LETTERS.labels(reason=REASON_STORE_REJECTED).inc()
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        """Queue a dead letter; it is committed in a batch and then acknowledged."""
+        DEAD_LETTERS.labels(reason=letter.reason).inc()
+        await self._dead_letters.put(letter)
+
+    async def _insert_dead_letters(
+        self, conn: AsyncConnection, batch: Sequence[DeadLetter]
+    ) -> None:
+        await conn.execute(insert(dead_letters), [_dead_letter_row(letter) for letter in batch])
+
+    async def _dead_letter_loop(self) -> None:
+        while True:
+            batch = [await self._dead_letters.get()]
+            while len(batch) < _DEAD_LETTER_BATCH and not self._dead_letters.empty():
+                batch.append(self._dead_letters.get_nowait())
+            rejected = await self._with_retry(partial(self._insert_dead_letters, batch=batch))
+            if rejected:
+                log.error("dropping %d dead letters the database refused: %s", len(batch), rejected)
+            for letter in batch:
+                letter.ack()
+                self._dead_letters.task_done()
+
+    async def _drain_dead_letters(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._dead_letters.join(), timeout)
+        except TimeoutError:
+            log.warning("%d dead letters still pending at shutdown", self._dead_letters.qsize())
+
+    # -- retry ----------------------------------------------------------------------------
+
+    async def _with_retry(self, work: Callable[[AsyncConnection], Awaitable[None]]) -> str | None:
+        """Run ``work`` in a write transaction until it commits.
+
+        Return None on commit, or the error text when the database rejects the data itself
+        (retrying would never help). Outages are retried with capped, jittered backoff.
+        """
+        delay = 0.05
+        while True:
+            started = time.perf_counter()
+            try:
+                conn = await writer_connection(self._engine)
+                try:
+                    async with conn.begin():
+                        await work(conn)
+                finally:
+                    await conn.close()
+            except (IntegrityError, StatementError, DBAPIError, OSError) as exc:
+                if not _is_outage(exc):
+                    return str(getattr(exc, "orig", exc) or exc)
+                DB_WRITE_ERRORS.inc()
+                self._set_available(False, str(exc).splitlines()[0])
+                log.warning("database write failed, retrying in %.2fs: %s", delay, self.last_error)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self._retry_max_delay_s)
+                continue
+            DB_QUERY_DURATION.labels(operation="write_batch").observe(time.perf_counter() - started)
+            self._set_available(True, "")
+            return None
+
+    def _set_available(self, available: bool, error: str) -> None:
+        self.last_error = error
+        if available == self.available:
+            return
+        self.available = available
+        DEGRADED.labels(reason="database_unavailable").set(0 if available else 1)
+        if self.on_availability is not None:
+            self.on_availability(available)
+
+
+__all__ = ["REASON_STORE_REJECTED", "StoreWriter"]
