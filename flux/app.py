@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any, Self
 
 import uvicorn
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -95,6 +96,8 @@ class Gateway:
             dead_letter=self.dead_letter,
             receive_maximum=receive_maximum,
             max_pending_qos0=settings.eventbus.capacity,
+            # amqtt speaks MQTT 3.1.1 only and does not answer a v5 CONNECT.
+            protocol_version=MQTTv311 if self.broker and self.broker.kind == "amqtt" else MQTTv50,
         )
         await self.mqtt.__aenter__()
         self.accepting = True

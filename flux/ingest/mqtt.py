@@ -84,12 +84,16 @@ class MqttIngest:
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         receive_maximum: int,
         max_pending_qos0: int = 1024,
+        protocol_version: int = MQTTv50,
+        connect_timeout_s: float = 15.0,
     ) -> None:
         self._config = config
         self._publish = publish
         self._dead_letter = dead_letter
         self._receive_maximum = max(1, min(receive_maximum, 65535))
         self._max_pending = max_pending_qos0
+        self._protocol_version = protocol_version
+        self._connect_timeout_s = connect_timeout_s
         self._pending = 0
         self._reading_paused = False
         self._generation = 0
@@ -133,15 +137,20 @@ class MqttIngest:
         client.reconnect_delay = self._delay
         self._client = client
         try:
-            await client.connect(
-                config.host,
-                config.port,
-                ssl=_tls_context(config),
-                keepalive=config.keepalive_s,
-                version=MQTTv50,
+            await asyncio.wait_for(
+                client.connect(
+                    config.host,
+                    config.port,
+                    ssl=_tls_context(config),
+                    keepalive=config.keepalive_s,
+                    version=self._protocol_version,
+                ),
+                self._connect_timeout_s,
             )
         except Exception as exc:
             self._client = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 2)
             raise MqttConnectError(
                 f"cannot connect to the MQTT broker at {config.host}:{config.port}: {exc}"
             ) from exc

@@ -1,0 +1,150 @@
+"""Helpers the tests share: real brokers, databases, a paho device simulator, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port, 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 20.0, what: str = ""
+) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+class PrivateMosquitto:
+    """A Mosquitto of the test's own on a free port; stoppable and restartable."""
+
+    def __init__(self, *, port: int | None = None, persistent: bool = True) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="flux-mosq-"))
+        self.persistent = persistent
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = self.dir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "max_queued_messages 100000",
+        ]
+        if self.persistent:
+            lines += ["persistence true", f"persistence_location {self.dir}/"]
+        config.write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None
+
+
+class Device:
+    """A paho-mqtt device simulator: publishes and waits for the broker's PUBACKs."""
+
+    def __init__(self, host: str, port: int, *, client_id: str | None = None) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"sim-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.connected = threading.Event()
+        self.client.on_connect = lambda *args: self.connected.set()
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError("device simulator could not connect")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> paho.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos)
+
+    def publish_all(
+        self, messages: list[tuple[str, bytes | str]], qos: int = 1, timeout: float = 60.0
+    ) -> None:
+        infos = [self.publish(topic, payload, qos) for topic, payload in messages]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TimeoutError("the broker did not acknowledge every message")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@contextmanager
+def device(host: str, port: int) -> Iterator[Device]:
+    sim = Device(host, port)
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+Json = dict[str, Any]

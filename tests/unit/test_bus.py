@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flux.bus import BusClosed, EventBus
+from flux.events import Event, make_event
+from flux.metrics import EVENTBUS_DROPPED, SUBSCRIBER_ERRORS
+from tests.support import wait_until
+
+
+def _event(n: int, *, acked: bool = False) -> Event:
+    created = make_event("devices/d/t", b'{"n": %d}' % n, max_bytes=1000, source="mqtt")
+    assert isinstance(created, Event)
+    if acked:
+        created.ack = lambda: None
+    return created
+
+
+def _dropped(name: str, reason: str) -> float:
+    return EVENTBUS_DROPPED.labels(subscriber=name, reason=reason)._value.get()
+
+
+async def test_every_subscriber_sees_every_event_in_order_in_batches() -> None:
+    bus = EventBus(capacity=8)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    sizes: list[int] = []
+
+    async def handler_a(batch: list[Event]) -> None:
+        sizes.append(len(batch))
+        seen["a"].extend(e.payload["n"] for e in batch)
+
+    async def handler_b(batch: list[Event]) -> None:
+        seen["b"].extend(e.payload["n"] for e in batch)
+
+    bus.subscribe("a", handler_a, max_batch=4)
+    bus.subscribe("b", handler_b)
+    async with bus:
+        await bus.publish_many(_event(n) for n in range(100))
+        assert await bus.drain(10)
+    assert seen["a"] == list(range(100))
+    assert seen["b"] == list(range(100))
+    assert max(sizes) <= 4
+
+
+async def test_block_policy_applies_back_pressure_and_keeps_order() -> None:
+    bus = EventBus(capacity=4)
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def slow(batch: list[Event]) -> None:
+        await release.wait()
+        seen.extend(e.payload["n"] for e in batch)
+
+    bus.subscribe("slow", slow, max_batch=2)
+    async with bus:
+        publishers = [asyncio.create_task(bus.publish(_event(n))) for n in range(20)]
+        await wait_until(lambda: sum(p.done() for p in publishers) == 6, what="queue full")
+        assert bus.depth()["slow"] == 18  # 4 queued + 14 blocked; 2 in the handler
+        assert not all(p.done() for p in publishers)
+        release.set()
+        await asyncio.gather(*publishers)
+        assert await bus.drain(10)
+    assert seen == list(range(20))
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_drop_policies_count_drops_and_never_drop_acknowledged_events(policy: str) -> None:
+    bus = EventBus(capacity=4, overflow=policy)  # type: ignore[arg-type]
+    name = f"drop-{policy}"
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def slow(batch: list[Event]) -> None:
+        await release.wait()
+        seen.extend(e.payload["n"] for e in batch)
+
+    bus.subscribe(name, slow, max_batch=1)
+    before = _dropped(name, policy)
+    async with bus:
+        await bus.publish(_event(0))
+        await wait_until(lambda: bus.depth()[name] == 0, what="first event in handler")
+        for n in range(1, 11):
+            await bus.publish(_event(n))
+        assert _dropped(name, policy) - before == 6
+        waiting = asyncio.create_task(bus.publish(_event(99, acked=True)))
+        await wait_until(lambda: bus.depth()[name] == 5, what="acked event waiting")
+        assert not waiting.done()
+        release.set()
+        await waiting
+        assert await bus.drain(10)
+    expected_kept = [1, 2, 3, 4] if policy == "drop_newest" else [7, 8, 9, 10]
+    assert seen == [0, *expected_kept, 99]
+
+
+async def test_a_failing_subscriber_is_counted_and_does_not_break_the_bus() -> None:
+    bus = EventBus(capacity=16)
+    good: list[int] = []
+
+    async def broken(batch: list[Event]) -> None:
+        raise RuntimeError("subscriber bug")
+
+    async def fine(batch: list[Event]) -> None:
+        good.extend(e.payload["n"] for e in batch)
+
+    bus.subscribe("broken", broken, max_batch=1)
+    bus.subscribe("fine", fine)
+    before = SUBSCRIBER_ERRORS.labels(subscriber="broken")._value.get()
+    async with bus:
+        await bus.publish_many(_event(n) for n in range(5))
+        assert await bus.drain(10)
+    assert good == list(range(5))
+    assert SUBSCRIBER_ERRORS.labels(subscriber="broken")._value.get() - before == 5
+
+
+async def test_a_partial_batch_waits_at_most_max_wait() -> None:
+    bus = EventBus(capacity=100)
+    batches: list[int] = []
+
+    async def handler(batch: list[Event]) -> None:
+        batches.append(len(batch))
+
+    bus.subscribe("store", handler, max_batch=50, max_wait_s=0.05)
+    async with bus:
+        await bus.publish_many(_event(n) for n in range(3))
+        await wait_until(lambda: sum(batches) == 3, timeout=5, what="partial batch")
+    assert batches == [3]
+
+
+async def test_unsubscribe_and_close() -> None:
+    bus = EventBus(capacity=4)
+    seen: list[int] = []
+
+    async def handler(batch: list[Event]) -> None:
+        seen.extend(e.payload["n"] for e in batch)
+
+    unsubscribe = bus.subscribe("h", handler)
+    async with bus:
+        assert bus.subscriber_count() == 1
+        unsubscribe()
+        assert bus.subscriber_count() == 0
+        await bus.publish(_event(1))
+        bus.close()
+        with pytest.raises(BusClosed):
+            await bus.publish(_event(2))
+    assert seen == []
+    with pytest.raises(ValueError, match="already exists"):
+        bus.subscribe("x", handler)
+        bus.subscribe("x", handler)
