@@ -95,7 +95,7 @@ class Gateway:
             publish=self.bus.publish,
             dead_letter=self.dead_letter,
             receive_maximum=receive_maximum,
-            max_pending_qos0=settings.eventbus.capacity,
+            max_pending=settings.eventbus.capacity,
             # amqtt speaks MQTT 3.1.1 only and does not answer a v5 CONNECT.
             protocol_version=MQTTv311 if self.broker and self.broker.kind == "amqtt" else MQTTv50,
         )

@@ -143,6 +143,10 @@ class EventBus:
         self._capacity = capacity
         self._overflow = overflow
         self._subscriptions: list[_Subscription] = []
+        # Resolved once: looking a labelled child up costs more than the increment itself.
+        self._published = {
+            source: EVENTS_PUBLISHED.labels(source=source) for source in ("mqtt", "http", "derived")
+        }
         self._running = False
         self._closed = False
 
@@ -192,7 +196,7 @@ class EventBus:
         """Offer ``event`` to every subscriber that accepts it, waiting where a queue blocks."""
         if self._closed:
             raise BusClosed("the event bus is closed")
-        EVENTS_PUBLISHED.labels(source=event.source).inc()
+        self._published[event.source].inc()
         for subscription in self._subscriptions:
             if subscription.accepts is None or subscription.accepts(event):
                 await subscription.offer(event)

@@ -4,7 +4,10 @@ gmqtt runs ``on_message`` as a task per message and sends the PUBACK when that c
 returns (``optimistic_acknowledgement=False``). Our coroutine publishes the event on the bus
 and, for QoS 1, waits until the store has committed it. The broker's Receive Maximum bounds
 how many unacknowledged messages are in flight; for QoS 0, which it does not bound, reading
-from the socket pauses while too many messages wait for the bus.
+from the socket pauses while too many messages wait for the bus. The same pause guards
+QoS 1 against a broker that overruns Receive Maximum (Mosquitto 2.0.11 does when it
+replays a session's offline queue: 1,778 unacknowledged messages in flight were measured
+with a Receive Maximum of 10).
 
 A PUBACK for a message that arrived on a connection since lost is withheld: after a reconnect
 a packet id may name a different message, and the broker redelivers the old one anyway.
@@ -83,7 +86,7 @@ class MqttIngest:
         publish: Callable[[Event], Awaitable[None]],
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         receive_maximum: int,
-        max_pending_qos0: int = 1024,
+        max_pending: int = 1024,
         protocol_version: int = MQTTv50,
         connect_timeout_s: float = 15.0,
     ) -> None:
@@ -91,11 +94,15 @@ class MqttIngest:
         self._publish = publish
         self._dead_letter = dead_letter
         self._receive_maximum = max(1, min(receive_maximum, 65535))
-        self._max_pending = max_pending_qos0
+        self._max_pending = max(max_pending, self._receive_maximum)
         self._protocol_version = protocol_version
+        self._messages_by_qos = [MQTT_MESSAGES.labels(qos=str(qos)) for qos in range(3)]
         self._connect_timeout_s = connect_timeout_s
         self._pending = 0
-        self._reading_paused = False
+        # Set while fewer than max_pending messages are in flight; gmqtt's read loop waits on
+        # it, so its stream buffer fills and the transport stops reading (TCP back-pressure).
+        self._room = asyncio.Event()
+        self._room.set()
         self._generation = 0
         self._connected = asyncio.Event()
         self._idle = asyncio.Event()
@@ -203,6 +210,7 @@ class MqttIngest:
         qos = self._config.qos
         for topic in self.subscriptions():
             client.subscribe(topic, qos=qos)
+        self._gate_reads(client)
         self._set_connected(True)
         log.info(
             "connected to MQTT broker %s:%d, subscribed %s",
@@ -220,7 +228,7 @@ class MqttIngest:
             client.reconnect_delay = self._delay * (0.5 + random.random() / 2)
             log.warning("MQTT connection lost; reconnecting (next delay %.1fs)", self._delay)
         self._set_connected(False)
-        self._resume_reading()
+        self._room.set()
 
     async def _on_message(
         self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: Any
@@ -228,7 +236,7 @@ class MqttIngest:
         generation = self._generation
         if not self._accepting:
             return _WITHHOLD
-        MQTT_MESSAGES.labels(qos=str(qos)).inc()
+        self._messages_by_qos[qos].inc()
         if isinstance(topic, bytes):
             topic = topic.decode("utf-8", "replace")
         item = make_event(
@@ -240,8 +248,8 @@ class MqttIngest:
             item.ack = _AckSignal(done)
         self._pending += 1
         self._idle.clear()
-        if qos == 0 and self._pending > self._max_pending:
-            self._pause_reading()
+        if self._pending > self._max_pending:
+            self._room.clear()
         try:
             if isinstance(item, Event):
                 await self._publish(item)
@@ -256,31 +264,35 @@ class MqttIngest:
             self._pending -= 1
             if not self._pending:
                 self._idle.set()
-            if self._reading_paused and self._pending <= self._max_pending // 2:
-                self._resume_reading()
+            if not self._room.is_set() and self._pending <= self._max_pending // 2:
+                self._room.set()
         if generation != self._generation:
             return _WITHHOLD
         return _ACCEPTED
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _transport(self) -> asyncio.Transport | None:
-        connection = getattr(self._client, "_connection", None)
-        return getattr(connection, "_transport", None)
+    def _gate_reads(self, client: Any) -> None:
+        """Make gmqtt's read loop wait for room before it parses more packets.
 
-    def _pause_reading(self) -> None:
-        transport = self._transport()
-        if transport is not None and not self._reading_paused:
-            transport.pause_reading()
-            self._reading_paused = True
-
-    def _resume_reading(self) -> None:
-        if not self._reading_paused:
+        Pausing the transport alone is not enough: gmqtt reads through an asyncio
+        StreamReader, which resumes the transport whenever its own buffer drains, and the
+        read loop parses a whole buffer (hundreds of messages) without yielding.
+        """
+        protocol = getattr(getattr(client, "_connection", None), "_protocol", None)
+        if protocol is None or getattr(protocol, "_flux_gated", False):
             return
-        self._reading_paused = False
-        transport = self._transport()
-        if transport is not None and not transport.is_closing():
-            transport.resume_reading()
+        read = protocol.read
+        room = self._room
+
+        async def gated_read(n: int = -1) -> bytes:
+            if not room.is_set():
+                await room.wait()
+            data: bytes = await read(n)
+            return data
+
+        protocol.read = gated_read
+        protocol._flux_gated = True
 
     def _set_connected(self, connected: bool) -> None:
         if connected:
