@@ -1,0 +1,47 @@
+"""Prometheus metrics of the rules engine (default registry; names kept from the seeds)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RULES_ACTIVE = Gauge("flux_rules_active", "Rules in the active ruleset that are evaluated")
+RULES_QUARANTINED = Gauge(
+    "flux_rules_quarantined", "Rules disabled after too many consecutive failures"
+)
+RULE_EVALUATIONS = Counter(
+    "flux_rule_evaluations_total", "Rule evaluations (one rule against one event)", ["rule"]
+)
+RULE_MATCHES = Counter("flux_rule_matches_total", "Rule evaluations that matched", ["rule"])
+RULE_ERRORS = Counter(
+    "flux_rule_errors_total",
+    "Rule evaluations that failed, by kind (runtime, timeout, memory, undefined)",
+    ["rule", "kind"],
+)
+RULE_EVAL_SECONDS = Histogram(
+    "flux_rule_eval_seconds",
+    "Wall time of one batched evaluation (all matching rules against one batch of events)",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+RULES_RELOAD = Counter(
+    "flux_rules_reload_total", "Ruleset reloads by result (ok, partial, failed)", ["result"]
+)
+ACTION_EXECUTIONS = Counter(
+    "flux_action_executions_total",
+    "Rule actions run, by action type and result (ok, error, unhandled, loop_cut)",
+    ["type", "result"],
+)
+RULE_LOOPS_CUT = Counter(
+    "flux_rule_loops_cut_total", "Derived events dropped because their hop count exceeded the max"
+)
+
+__all__ = [
+    "ACTION_EXECUTIONS",
+    "RULES_ACTIVE",
+    "RULES_QUARANTINED",
+    "RULES_RELOAD",
+    "RULE_ERRORS",
+    "RULE_EVALUATIONS",
+    "RULE_EVAL_SECONDS",
+    "RULE_LOOPS_CUT",
+    "RULE_MATCHES",
+]

@@ -1,0 +1,92 @@
+"""Each shipped rule in rules/*.toml, matching and not matching, through the real engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flux.rules import Rule, RuleEngine, validate_rules
+
+from .conftest import RULES_DIR, make_event
+
+
+def test_shipped_rules_validate() -> None:
+    report = validate_rules(RULES_DIR, known_plugins=set())
+    assert report.ok, report.to_dict()
+    assert len(report.valid) >= 5
+
+
+@pytest.mark.parametrize(
+    ("rule_id", "payload", "topic", "matched"),
+    [
+        ("overheat", {"temperature": 31, "humidity": 50}, None, True),
+        ("overheat", {"temperature": 31, "humidity": 70}, None, False),
+        ("overheat", {"temperature": 25, "humidity": 50}, None, False),
+        ("overheat", {"humidity": 50}, None, False),
+        ("telemetry-missing-fields", {"temperature": 20}, None, True),
+        ("telemetry-missing-fields", {"temperature": 20, "humidity": None}, None, True),
+        ("telemetry-missing-fields", {"temperature": 20, "humidity": 40}, None, False),
+        ("battery-low", {"battery": 9}, None, True),
+        ("battery-low", {"battery": 9, "charging": True}, None, False),
+        ("battery-low", {"battery": 80}, None, False),
+        ("battery-low", {"battery": "low"}, None, False),
+        ("geofence-depot", {"location": {"lat": 52.0, "lon": 4.9}}, "devices/t1/location", True),
+        ("geofence-depot", {"location": {"lat": 52.37, "lon": 4.90}}, "devices/t1/location", False),
+        ("geofence-depot", {"location": "unknown"}, "devices/t1/location", False),
+    ],
+)
+async def test_rule_matches_or_not(
+    engine: RuleEngine,
+    shipped_rules: dict[str, Rule],
+    rule_id: str,
+    payload: dict[str, Any],
+    topic: str | None,
+    matched: bool,
+) -> None:
+    result = await engine.test_rule(shipped_rules[rule_id], payload, topic)
+    assert result.error is None
+    assert result.matched is matched
+
+
+async def test_geofence_outputs_distance(
+    engine: RuleEngine, shipped_rules: dict[str, Rule]
+) -> None:
+    result = await engine.test_rule(
+        shipped_rules["geofence-depot"], {"location": {"lat": 52.0, "lon": 4.9}}
+    )
+    assert result.output is not None
+    assert result.output["radius_m"] == 5000
+    assert 40_000 < result.output["distance_m"] < 42_000
+
+
+async def test_rate_of_change_uses_previous_value_per_device(
+    engine: RuleEngine, shipped_rules: dict[str, Rule]
+) -> None:
+    await engine.reload(list(shipped_rules.values()))
+    rising = "temperature-rising-fast"
+
+    def ev(device: str, temperature: float, at: float) -> Any:
+        return make_event(
+            {"temperature": temperature, "humidity": 40},
+            f"devices/{device}/telemetry",
+            received_at=at,
+        )
+
+    batch = [
+        ev("a", 20.0, 1000.0),  # first reading of a: no previous value
+        ev("b", 30.0, 1000.0),  # first reading of b
+        ev("a", 21.0, 1060.0),  # +1 C/min: no
+        ev("b", 35.0, 1060.0),  # +5 C/min: yes
+        ev("a", 25.0, 1090.0),  # +8 C/min: yes
+    ]
+    matches = [m for m in await engine.evaluate_batch(batch) if m.rule.id == rising]
+    assert [(m.event.device_id, m.event.payload["temperature"]) for m in matches] == [
+        ("b", 35.0),
+        ("a", 25.0),
+    ]
+    assert matches[0].output == {"per_minute": 5.0, "previous": 30.0, "current": 35.0}
+    # The state survives across batches (and a reload of the same rules).
+    await engine.reload(list(shipped_rules.values()))
+    later = await engine.evaluate_batch([ev("b", 40.0, 1120.0)])
+    assert [m.rule.id for m in later if m.rule.id == rising] == [rising]
