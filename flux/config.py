@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flux.errors import ConfigError
+from flux.topics import validate_filter
 
 OverflowPolicy = Literal["block", "drop_oldest", "drop_newest"]
 EmbeddedBroker = Literal["auto", "mosquitto", "amqtt", "off"]
@@ -73,8 +74,9 @@ class MqttConfig(_Section):
         if not value:
             raise ValueError("at least one topic filter is needed")
         for topic in value:
-            if not topic or ("#" in topic and not topic.endswith("#")):
-                raise ValueError(f"invalid topic filter {topic!r}")
+            problem = validate_filter(topic)
+            if problem is not None:
+                raise ValueError(f"{topic!r}: {problem}")
         return value
 
     @property

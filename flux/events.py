@@ -7,6 +7,7 @@ by the store, after the batch holding it is committed.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -145,6 +146,15 @@ def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     return value
 
 
+def binary_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Wrap a binary frame so it can be stored as JSON: ``{"raw_base64": ...}``."""
+    if len(raw) > max_bytes:
+        raise InvalidEvent(
+            f"payload is {len(raw)} bytes, the limit is {max_bytes}", reason=REASON_TOO_LARGE
+        )
+    return {"raw_base64": base64.b64encode(raw).decode("ascii")}
+
+
 def make_event(
     topic: str,
     raw: bytes,
@@ -153,8 +163,13 @@ def make_event(
     source: Source,
     qos: int = 0,
     received_at: float | None = None,
+    binary: bool = False,
 ) -> Event | DeadLetter:
-    """Turn one raw message into an ``Event``, or a ``DeadLetter`` saying why it cannot be one."""
+    """Turn one raw message into an ``Event``, or a ``DeadLetter`` saying why it cannot be one.
+
+    ``binary`` marks a topic whose payload is bytes for a plugin to decode (a sensor frame):
+    it is not parsed as JSON; the event keeps ``raw`` and stores it base64-encoded.
+    """
     now = time.time() if received_at is None else received_at
     if len(topic) > MAX_TOPIC_LENGTH:
         return DeadLetter(
@@ -166,7 +181,11 @@ def make_event(
             source=source,
         )
     try:
-        payload = decode_payload(raw, max_bytes=max_bytes)
+        payload = (
+            binary_payload(raw, max_bytes=max_bytes)
+            if binary
+            else decode_payload(raw, max_bytes=max_bytes)
+        )
     except InvalidEvent as exc:
         return DeadLetter(
             topic=topic,

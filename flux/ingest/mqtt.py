@@ -89,6 +89,7 @@ class MqttIngest:
         max_pending: int = 1024,
         protocol_version: int = MQTTv50,
         connect_timeout_s: float = 15.0,
+        binary_topic: Callable[[str], bool] | None = None,
     ) -> None:
         self._config = config
         self._publish = publish
@@ -96,6 +97,7 @@ class MqttIngest:
         self._receive_maximum = max(1, min(receive_maximum, 65535))
         self._max_pending = max(max_pending, self._receive_maximum)
         self._protocol_version = protocol_version
+        self._binary_topic = binary_topic
         self._messages_by_qos = [MQTT_MESSAGES.labels(qos=str(qos)) for qos in range(3)]
         self._connect_timeout_s = connect_timeout_s
         self._pending = 0
@@ -240,7 +242,12 @@ class MqttIngest:
         if isinstance(topic, bytes):
             topic = topic.decode("utf-8", "replace")
         item = make_event(
-            topic, payload, max_bytes=self._config.max_payload_bytes, source="mqtt", qos=qos
+            topic,
+            payload,
+            max_bytes=self._config.max_payload_bytes,
+            source="mqtt",
+            qos=qos,
+            binary=self._binary_topic is not None and self._binary_topic(topic),
         )
         done: asyncio.Future[None] | None = None
         if qos > 0:

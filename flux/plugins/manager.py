@@ -34,7 +34,6 @@ from typing import Any, Literal
 import orjson
 
 from flux.events import Event, derive_event, device_id_for, new_event_id
-from flux.plugins._topics import topic_matches
 from flux.plugins.errors import (
     PluginError,
     PluginHopLimit,
@@ -46,6 +45,7 @@ from flux.plugins.instance import PluginInstance, PluginOutput
 from flux.plugins.manifest import MANIFEST_NAME, PluginManifest, load_manifest
 from flux.plugins.pool import CallResult, InstancePool, PoolClosed, PoolStats
 from flux.plugins.runtime import ModuleCache, PluginRuntime, default_cache_dir
+from flux.topics import topic_matches
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flux.plugins._topics import validate_filter
 from flux.plugins.errors import PluginLoadError
+from flux.topics import validate_filter
 
 #: The only ABI version this host implements (see ``plugins/README.md``).
 ABI_VERSION = 1
@@ -140,7 +140,9 @@ class PluginManifest(_Spec):
     @classmethod
     def _topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for topic_filter in value:
-            validate_filter(topic_filter)
+            problem = validate_filter(topic_filter)
+            if problem is not None:
+                raise ValueError(f"{topic_filter!r}: {problem}")
         return value
 
     @field_validator("output_topic")

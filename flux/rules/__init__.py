@@ -45,7 +45,7 @@ from flux.rules.tools import (
     run_rule_test_async,
     validate_rules,
 )
-from flux.rules.topics import TopicMatcher, topic_matches, validate_filter
+from flux.topics import TopicMatcher, topic_matches, validate_filter
 
 __all__ = [
     "Action",

@@ -25,7 +25,7 @@ from typing import Any
 from flux.rules.errors import RuleCompileError
 from flux.rules.model import Rule
 from flux.rules.sandbox import LuaSandbox
-from flux.rules.topics import TopicMatcher
+from flux.topics import TopicMatcher
 
 #: Rules inlined in one generated Lua function.
 GROUP_SIZE = 200

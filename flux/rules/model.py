@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flux.rules.errors import RuleError, RuleValidationError
-from flux.rules.topics import validate_filter
+from flux.topics import validate_filter
 
 #: Rule ids: lowercase slug, 1-64 characters.
 RULE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"

@@ -1,4 +1,7 @@
-"""MQTT topic filters: validation and matching (``+`` one level, ``#`` the rest)."""
+"""MQTT topic filters: validation and matching (``+`` one level, ``#`` the rest).
+
+Shared by the configuration, the rules and the plugins, so all three agree on a filter.
+"""
 
 from __future__ import annotations
 

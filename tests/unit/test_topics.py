@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flux.rules.topics import TopicMatcher, topic_matches, validate_filter
+from flux.topics import TopicMatcher, topic_matches, validate_filter
 
 
 @pytest.mark.parametrize(
