@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Self
 
 import uvicorn
@@ -26,13 +27,15 @@ from flux.config import Settings
 from flux.events import DeadLetter, Event
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.ingest.mqtt import MqttIngest
+from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, JointAck, Pipeline, publish_handler
+from flux.plugins import PluginManager
+from flux.rules import ActionExecutor, RuleEngine
+from flux.rules.sources import RuleSources
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
-
-STORE_SUBSCRIBER = "store"
 
 
 class Gateway:
@@ -52,6 +55,11 @@ class Gateway:
         self.writer: StoreWriter | None = None
         self.mqtt: MqttIngest | None = None
         self.broker: EmbeddedBroker | None = None
+        self.plugins: PluginManager | None = None
+        self.rules: RuleEngine | None = None
+        self.rule_sources: RuleSources | None = None
+        self.actions: ActionExecutor | None = None
+        self.pipeline: Pipeline | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -87,12 +95,14 @@ class Gateway:
             max_batch=settings.database.batch_size,
             max_wait_s=settings.database.flush_interval_ms / 1000,
         )
+        await self._start_processing()
         await self.bus.__aenter__()
         await self._ensure_broker()
         receive_maximum = settings.mqtt.receive_maximum or 2 * settings.database.batch_size
         self.mqtt = MqttIngest(
             config=settings.mqtt,
-            publish=self.bus.publish,
+            publish=self.publish,
+            binary_topic=self.plugins.wants_raw if self.plugins else None,
             dead_letter=self.dead_letter,
             receive_maximum=receive_maximum,
             max_pending=settings.eventbus.capacity,
@@ -104,6 +114,77 @@ class Gateway:
         if self._serve_http:
             await self._start_http()
         log.info("flux is running")
+
+    async def _start_processing(self) -> None:
+        """Load plugins and rules, and subscribe the pipeline that runs them."""
+        assert self._stack is not None and self.engine is not None and self.writer is not None
+        settings = self.settings
+        self.plugins = await self._stack.enter_async_context(
+            PluginManager(
+                plugins_dir=Path(settings.plugins.dir),
+                cache_dir=Path(settings.plugins.cache_dir) if settings.plugins.cache_dir else None,
+                default_pool_size=settings.plugins.pool_size,
+                max_hops=settings.plugins.max_hops,
+            )
+        )
+        for name, error in self.plugins.load_errors.items():
+            log.error("plugin %s not loaded: %s", name, error)
+        rules = settings.rules
+        self.rules = await self._stack.enter_async_context(
+            RuleEngine(
+                quarantine_after=rules.quarantine_after,
+                instruction_budget=rules.instruction_budget,
+                memory_limit=rules.memory_limit_mb * 1024 * 1024,
+                time_limit_s=rules.time_limit_s,
+                known_plugins=self.plugins.names,
+            )
+        )
+        self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
+        await self.reload_rules()
+        self.actions = ActionExecutor(max_hops=rules.max_hops)
+        self.actions.register("publish", publish_handler(self._publish_mqtt))
+        self.pipeline = Pipeline(
+            bus=self.bus,
+            plugins=self.plugins,
+            rules=self.rules,
+            actions=self.actions,
+            write_alerts=self.writer.write_alerts,
+            dead_letter=self.dead_letter,
+            max_hops=max(rules.max_hops, settings.plugins.max_hops),
+        )
+        self._stack.callback(self.pipeline.close)
+        self.bus.subscribe(PIPELINE_SUBSCRIBER, self.pipeline.handle, max_batch=256)
+
+    async def reload_rules(self) -> dict[str, Any]:
+        """Re-read rules from files and the database and swap them in; return the report.
+
+        Concurrent calls coalesce (the engine runs one more reload, not one per call).
+        """
+        assert self.rules is not None and self.rule_sources is not None
+        report = await self.rules.reload(self.rule_sources.load)
+        result = report.to_dict()
+        file_errors = [error.to_dict() for error in self.rule_sources.load_errors]
+        result["errors"] = file_errors + result["errors"]
+        if file_errors and result["result"] == "ok":
+            result["result"] = "partial"
+        return result
+
+    def _publish_mqtt(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int
+    ) -> None:
+        if self.mqtt is None:
+            raise RuntimeError("MQTT is not running; message not published")
+        self.mqtt.publish(topic, payload, qos=qos, retain=retain, hops=hops)
+
+    async def publish(self, event: Event) -> None:
+        """Put an ingested event on the bus.
+
+        An event a sender waits on is acknowledged only when the store committed it and the
+        pipeline committed everything it caused (see ``flux.pipeline``).
+        """
+        if event.needs_ack and self.pipeline is not None:
+            event.ack = JointAck(event.ack, 2)
+        await self.bus.publish(event)
 
     async def _ensure_broker(self) -> None:
         mqtt = self.settings.mqtt
@@ -212,7 +293,8 @@ class Gateway:
 
     async def ingest(self, events: list[Event]) -> None:
         """Publish events from the HTTP API in order."""
-        await self.bus.publish_many(events)
+        for event in events:
+            await self.publish(event)
 
     def readiness(self) -> dict[str, bool]:
         """Return each condition /ready checks."""

@@ -192,14 +192,27 @@ class EventBus:
 
         return unsubscribe
 
-    async def publish(self, event: Event) -> None:
-        """Offer ``event`` to every subscriber that accepts it, waiting where a queue blocks."""
+    async def publish(self, event: Event, *, to: str | None = None) -> None:
+        """Offer ``event`` to every subscriber that accepts it, waiting where a queue blocks.
+
+        ``to`` restricts delivery to one subscriber: a stage re-publishing what it derived
+        uses it so an event never comes back to the stage that is waiting on it.
+        """
         if self._closed:
             raise BusClosed("the event bus is closed")
         self._published[event.source].inc()
         for subscription in self._subscriptions:
+            if to is not None and subscription.name != to:
+                continue
             if subscription.accepts is None or subscription.accepts(event):
                 await subscription.offer(event)
+
+    def accepted_by(self, name: str, event: Event) -> bool:
+        """Return whether subscriber ``name`` exists and would receive ``event``."""
+        for subscription in self._subscriptions:
+            if subscription.name == name:
+                return subscription.accepts is None or subscription.accepts(event)
+        return False
 
     async def publish_many(self, events: Iterable[Event]) -> None:
         """Publish several events in order."""

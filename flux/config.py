@@ -120,11 +120,25 @@ class DatabaseConfig(_Section):
 
 class RulesConfig(_Section):
     dir: str = "rules"
+    quarantine_after: int = Field(5, ge=1)
+    instruction_budget: int = Field(1_000_000, ge=1000)
+    memory_limit_mb: int = Field(64, ge=4, le=4096)
+    time_limit_s: float = Field(0.25, gt=0)
+    max_hops: int = Field(8, ge=0, le=64)
 
 
 class PluginsConfig(_Section):
     dir: str = "plugins"
     pool_size: int = Field(4, ge=1, le=256)
+    cache_dir: str = ""
+    max_hops: int = Field(8, ge=0, le=64)
+
+
+class WebhooksConfig(_Section):
+    max_attempts: int = Field(8, ge=1, le=100)
+    base_delay_s: float = Field(1.0, gt=0)
+    max_delay_s: float = Field(300.0, gt=0)
+    concurrency: int = Field(4, ge=1, le=64)
 
 
 class ShutdownConfig(_Section):
@@ -141,6 +155,7 @@ class Settings(_Section):
     database: DatabaseConfig = DatabaseConfig()
     rules: RulesConfig = RulesConfig()
     plugins: PluginsConfig = PluginsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
 
 
@@ -205,5 +220,6 @@ __all__ = [
     "RulesConfig",
     "ServerConfig",
     "Settings",
+    "WebhooksConfig",
     "load_settings",
 ]

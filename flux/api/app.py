@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux import __version__
-from flux.api import devices, ingest
+from flux.api import devices, ingest, plugins, rules
 from flux.api.auth import require_token
 from flux.errors import FluxError
 from flux.metrics import HTTP_REQUEST_DURATION
@@ -94,6 +94,8 @@ def create_api(gateway: Gateway) -> FastAPI:
     protected = [Depends(require_token)]
     api.include_router(ingest.router, prefix="/api/v1", dependencies=protected)
     api.include_router(devices.router, prefix="/api/v1", dependencies=protected)
+    api.include_router(rules.router, prefix="/api/v1", dependencies=protected)
+    api.include_router(plugins.router, prefix="/api/v1", dependencies=protected)
 
     @api.get("/health", tags=["operations"])
     async def health() -> dict[str, str]:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 _WITHHOLD = 0x83
 _ACCEPTED = 0
 _RECONNECT_FIRST_DELAY_S = 0.2
+#: MQTT 5 user property carrying a derived message's hop count.
+HOPS_PROPERTY = "flux-hops"
 
 
 class MqttConnectError(FluxError):
@@ -61,6 +63,17 @@ def _tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _hops_from(properties: dict[str, Any]) -> int:
+    """Read our hop-count user property, if a rule action of some gateway published this."""
+    for pair in properties.get("user_property") or ():
+        if isinstance(pair, tuple | list) and len(pair) == 2 and pair[0] == HOPS_PROPERTY:
+            try:
+                return max(0, min(int(pair[1]), 1_000))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 class _AckSignal:
@@ -186,6 +199,19 @@ class MqttIngest:
             log.warning("MQTT disconnect did not complete cleanly: %s", exc)
         self._set_connected(False)
 
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int) -> None:
+        """Publish a message from a rule action, tagged with its hop count (MQTT 5 user property).
+
+        When the gateway is subscribed to the topic the message comes back as an event that
+        keeps the count, so a loop through the broker is cut like one inside the process.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise MqttConnectError("not connected to the MQTT broker; message not published")
+        client.publish(
+            topic, payload, qos=qos, retain=retain, user_property=[(HOPS_PROPERTY, str(hops))]
+        )
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no message is between arrival and acknowledgement; False on timeout."""
         if self._pending:
@@ -249,6 +275,8 @@ class MqttIngest:
             qos=qos,
             binary=self._binary_topic is not None and self._binary_topic(topic),
         )
+        if isinstance(item, Event) and properties:
+            item.hops = _hops_from(properties)
         done: asyncio.Future[None] | None = None
         if qos > 0:
             done = asyncio.get_running_loop().create_future()

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from flux import faults
 from flux.events import DeadLetter, Event
 from flux.metrics import (
     DB_BATCH_SIZE,
@@ -33,7 +34,7 @@ from flux.metrics import (
     DEGRADED,
 )
 from flux.store.database import writer_connection
-from flux.store.schema import dead_letters, devices, events
+from flux.store.schema import alerts, dead_letters, devices, events
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,11 @@ class StoreWriter:
         rejected = await self._with_retry(partial(self._insert_events, batch=batch))
         if rejected:
             await self._isolate_rejected(batch)
+        faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
         for event in batch:
             event.ack()
+            faults.hit("mid_ack")
 
     async def _insert_events(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
         await conn.execute(insert(events), [_event_row(event) for event in batch])
@@ -159,6 +162,7 @@ class StoreWriter:
                 },
             )
             await conn.execute(statement, device_rows)
+        faults.hit("before_commit")
 
     async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
         """Write a rejected batch one event at a time; dead-letter the ones refused."""
@@ -175,6 +179,16 @@ class StoreWriter:
                 )
                 await self._with_retry(partial(self._insert_dead_letters, batch=[letter]))
                 DEAD_LETTERS.labels(reason=REASON_STORE_REJECTED).inc()
+
+    # -- alerts ---------------------------------------------------------------------------
+
+    async def write_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Commit alert rows (retrying through outages)."""
+        if rows:
+            await self._with_retry(partial(self._insert_alerts, rows=rows))
+
+    async def _insert_alerts(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        await conn.execute(insert(alerts), list(rows))
 
     # -- dead letters ---------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""Plugins over HTTP: list with pool stats, one plugin, restart, reload."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+
+from flux.errors import FluxError
+from flux.plugins import PluginManager
+
+if TYPE_CHECKING:
+    from flux.app import Gateway
+
+router = APIRouter(tags=["plugins"])
+
+PluginName = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+def _manager(request: Request) -> PluginManager:
+    gateway: Gateway = request.app.state.gateway
+    if gateway.plugins is None:
+        raise FluxError("the plugin runtime is not running")
+    return gateway.plugins
+
+
+@router.get("/plugins")
+async def list_plugins(request: Request) -> dict[str, Any]:
+    """Every loaded plugin with its pool stats (available, max_size, hits, misses, recycles,
+    traps), and the plugins that failed to load with the reason."""
+    manager = _manager(request)
+    return {
+        "plugins": manager.describe_all(),
+        "errors": {name: error.to_dict() for name, error in manager.load_errors.items()},
+    }
+
+
+@router.get("/plugins/{name}", responses={404: {"description": "unknown plugin"}})
+async def get_plugin(request: Request, name: PluginName) -> dict[str, Any]:
+    return _manager(request).describe(name)
+
+
+@router.post("/plugins/{name}/restart", responses={404: {"description": "unknown plugin"}})
+async def restart_plugin(request: Request, name: PluginName) -> dict[str, Any]:
+    """Replace every instance of the plugin's pool with fresh ones."""
+    return (await _manager(request).restart(name)).as_dict()
+
+
+@router.post("/plugins/reload")
+async def reload_plugins(request: Request) -> dict[str, Any]:
+    """Re-read ``plugins/``: new pools are built and warmed first, then swapped in."""
+    return (await _manager(request).reload()).as_dict()
+
+
+__all__ = ["router"]

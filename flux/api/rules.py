@@ -1,0 +1,177 @@
+"""Rules over HTTP: list, CRUD (database rules), enable/disable, test, reload."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Request
+from pydantic import BaseModel, Field
+
+from flux.errors import FluxError, NotFound
+from flux.rules import RuleEngine, parse_rule
+from flux.rules.sources import RuleSources
+
+if TYPE_CHECKING:
+    from flux.app import Gateway
+
+router = APIRouter(tags=["rules"])
+
+RuleId = Annotated[str, Path(min_length=1, max_length=64)]
+RuleBody = Annotated[
+    dict[str, Any],
+    Body(
+        examples=[
+            {
+                "id": "overheat",
+                "description": "Temperature too high while dry",
+                "topic": "devices/+/telemetry",
+                "when": "temperature > 30 and humidity < 60",
+                "actions": [{"type": "alert", "severity": "warning"}],
+            }
+        ]
+    ),
+]
+
+
+class Conflict(FluxError):
+    """The request conflicts with the current state (an id that exists, a file rule)."""
+
+    status_code = 409
+
+
+class RuleTestRequest(BaseModel):
+    payload: dict[str, Any] = Field(examples=[{"temperature": 31.5, "humidity": 40}])
+    topic: str | None = Field(default=None, max_length=1024, examples=["devices/dev-1/telemetry"])
+    device_id: str | None = Field(default=None, max_length=255)
+
+
+def _parts(request: Request) -> tuple[Gateway, RuleEngine, RuleSources]:
+    gateway: Gateway = request.app.state.gateway
+    if gateway.rules is None or gateway.rule_sources is None:
+        raise FluxError("the rules engine is not running")
+    return gateway, gateway.rules, gateway.rule_sources
+
+
+def _status(engine: RuleEngine, rule_id: str) -> dict[str, Any]:
+    status = engine.status(rule_id)
+    if status is None:
+        raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
+    return status.to_dict()
+
+
+@router.get("/rules")
+async def list_rules(request: Request) -> dict[str, Any]:
+    """Every rule with its status (active, disabled, quarantined, error) and counters."""
+    _, engine, _ = _parts(request)
+    return {"version": engine.version, "rules": [s.to_dict() for s in engine.rules()]}
+
+
+@router.post(
+    "/rules",
+    status_code=201,
+    responses={409: {"description": "id exists"}, 422: {"description": "invalid rule"}},
+)
+async def create_rule(request: Request, body: RuleBody) -> dict[str, Any]:
+    """Create a database rule (validated and compiled first), then reload."""
+    gateway, engine, sources = _parts(request)
+    rule = parse_rule(body)
+    await engine.check_rule(rule)
+    if await sources.find(rule.id) is not None:
+        raise Conflict(f"rule {rule.id!r} exists; use PUT to change it", rule_id=rule.id)
+    saved = await sources.save(rule)
+    report = await gateway.reload_rules()
+    return {"rule": _status(engine, saved.id), "reload": report}
+
+
+@router.get("/rules/{rule_id}", responses={404: {"description": "unknown rule"}})
+async def get_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+    _, engine, _ = _parts(request)
+    return _status(engine, rule_id)
+
+
+@router.put("/rules/{rule_id}", responses={422: {"description": "invalid rule"}})
+async def put_rule(request: Request, rule_id: RuleId, body: RuleBody) -> dict[str, Any]:
+    """Create or replace a rule in the database (overrides a file rule of the same id)."""
+    gateway, engine, sources = _parts(request)
+    data = {**body, "id": body.get("id", rule_id)}
+    if data["id"] != rule_id:
+        raise Conflict("the body's id differs from the URL's", rule_id=rule_id)
+    rule = parse_rule(data)
+    await engine.check_rule(rule)
+    saved = await sources.save(rule)
+    report = await gateway.reload_rules()
+    return {"rule": _status(engine, saved.id), "reload": report}
+
+
+@router.delete(
+    "/rules/{rule_id}",
+    responses={404: {"description": "unknown rule"}, 409: {"description": "defined in a file"}},
+)
+async def delete_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+    """Delete a database rule; a rule defined in ``rules/`` is edited there instead."""
+    gateway, _, sources = _parts(request)
+    deleted = await sources.delete(rule_id)
+    if not deleted:
+        if sources.in_files(rule_id):
+            raise Conflict(
+                f"rule {rule_id!r} is defined in the rules folder; edit the file "
+                "(or PUT a database rule to override it)",
+                rule_id=rule_id,
+            )
+        raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
+    return {"deleted": rule_id, "reload": await gateway.reload_rules()}
+
+
+async def _set_enabled(request: Request, rule_id: str, enabled: bool) -> dict[str, Any]:
+    gateway, engine, sources = _parts(request)
+    rule = await sources.find(rule_id)
+    if rule is None:
+        raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
+    if rule.enabled != enabled:
+        await sources.save(rule.model_copy(update={"enabled": enabled}))
+    elif enabled:
+        await engine.unquarantine(rule_id)
+    report = await gateway.reload_rules()
+    if enabled:
+        await engine.unquarantine(rule_id)
+    return {"rule": _status(engine, rule_id), "reload": report}
+
+
+@router.post("/rules/{rule_id}/enable", responses={404: {"description": "unknown rule"}})
+async def enable_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+    """Enable a rule (also lifts a quarantine)."""
+    return await _set_enabled(request, rule_id, True)
+
+
+@router.post("/rules/{rule_id}/disable", responses={404: {"description": "unknown rule"}})
+async def disable_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+    return await _set_enabled(request, rule_id, False)
+
+
+@router.post("/rules/{rule_id}/test", responses={404: {"description": "unknown rule"}})
+async def test_rule(request: Request, rule_id: RuleId, body: RuleTestRequest) -> dict[str, Any]:
+    """Evaluate a rule against a sample payload: match, output and time (no actions run)."""
+    _, engine, sources = _parts(request)
+    rule = await sources.find(rule_id)
+    if rule is None:
+        raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
+    result = await engine.test_rule(rule, body.payload, body.topic, device_id=body.device_id)
+    return result.to_dict()
+
+
+@router.post("/rules/reload")
+async def reload_rules(request: Request) -> dict[str, Any]:
+    """Re-read ``rules/`` and the database, compile everything, swap atomically.
+
+    Returns the new ruleset version, counts and per-rule errors with line numbers; a rule
+    that fails is left out while the rest go live. Concurrent calls coalesce.
+    """
+    gateway, _, _ = _parts(request)
+    started = time.perf_counter()
+    report = await gateway.reload_rules()
+    report["request_seconds"] = round(time.perf_counter() - started, 6)
+    return report
+
+
+__all__ = ["router"]

@@ -1,0 +1,216 @@
+"""The processing stage: plugins, then rules and their actions, over each batch of events.
+
+One bus subscriber (``pipeline``) runs both, so what a stage derives is processed inline,
+depth first, up to the hop limit, instead of going back through the bus: a stage that waited
+on its own full queue would deadlock. Derived events go to the store only
+(``bus.publish(..., to="store")``), whose handler never publishes, so waiting on it is safe.
+
+Acknowledgement: an ingested event the pipeline accepts carries a ``JointAck`` that fires
+only when both the store has committed the event and the pipeline has committed everything
+the event caused (derived events, alert rows, webhook outbox rows). A crash in between means
+redelivery, so an alert is never lost for a message that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from flux.bus import EventBus
+from flux.events import DeadLetter, Event
+from flux.plugins import PluginError, PluginManager
+from flux.rules import (
+    ActionExecutor,
+    AlertAction,
+    PluginAction,
+    PublishAction,
+    RuleEngine,
+    RuleMatch,
+    alert_row,
+    publish_message,
+)
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SUBSCRIBER = "pipeline"
+STORE_SUBSCRIBER = "store"
+
+
+class JointAck:
+    """Call ``ack`` once every one of ``parts`` confirmations has arrived."""
+
+    __slots__ = ("_ack", "_remaining")
+
+    def __init__(self, ack: Callable[[], None], parts: int) -> None:
+        self._ack = ack
+        self._remaining = parts
+
+    def __call__(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._ack()
+
+
+class _Committed:
+    """Count down the derived events of one batch as the store commits them."""
+
+    def __init__(self) -> None:
+        self._outstanding = 0
+        self._done = asyncio.Event()
+        self._done.set()
+
+    def track(self, event: Event) -> None:
+        self._outstanding += 1
+        self._done.clear()
+        event.ack = self._one_committed
+
+    def _one_committed(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+class Pipeline:
+    """Run plugins and rules on batches from the bus; persist what they produce."""
+
+    def __init__(
+        self,
+        *,
+        bus: EventBus,
+        plugins: PluginManager,
+        rules: RuleEngine,
+        actions: ActionExecutor,
+        write_alerts: Callable[[Sequence[dict[str, Any]]], Awaitable[None]],
+        dead_letter: Callable[[DeadLetter], Awaitable[None]],
+        max_hops: int,
+    ) -> None:
+        self._bus = bus
+        self._plugins = plugins
+        self._rules = rules
+        self._actions = actions
+        self._write_alerts = write_alerts
+        self._dead_letter = dead_letter
+        self._max_hops = max_hops
+        # Filled by the action handlers while a batch's matches execute.
+        self._alerts: list[dict[str, Any]] = []
+        self._derived: list[Event] = []
+        self._unregister = [
+            actions.register("alert", self._alert_action),
+            actions.register("plugin", self._plugin_action),
+        ]
+
+    def close(self) -> None:
+        """Unregister the action handlers this stage installed."""
+        for unregister in self._unregister:
+            unregister()
+        self._unregister = []
+
+    def accepts(self, event: Event) -> bool:
+        """Every event goes through the pipeline (rules can match any topic)."""
+        return True
+
+    async def handle(self, batch: list[Event]) -> None:
+        """Process ``batch`` and what it derives; then confirm each event (see ``JointAck``)."""
+        try:
+            work = batch
+            while work:
+                derived = await self._process(work)
+                if derived:
+                    await self._persist(derived)
+                work = [event for event in derived if event.hops <= self._max_hops]
+        finally:
+            for event in batch:
+                event.ack()
+
+    async def _process(self, work: list[Event]) -> list[Event]:
+        """One level: plugins on the events they subscribe to, then rules and actions."""
+        derived = await self._run_plugins(work)
+        matches = await self._rules.evaluate_batch(work)
+        if matches:
+            await self._actions.execute(matches)
+            alerts, self._alerts = self._alerts, []
+            derived.extend(self._derived)
+            self._derived = []
+            if alerts:
+                await self._write_alerts(alerts)
+        return derived
+
+    async def _run_plugins(self, work: list[Event]) -> list[Event]:
+        by_plugin: dict[str, list[Event]] = {}
+        for event in work:
+            for name in self._plugins.plugins_for(event.topic):
+                by_plugin.setdefault(name, []).append(event)
+        derived: list[Event] = []
+        for name, events in by_plugin.items():
+            if self._plugins.manifest(name).exports.on_batch is not None:
+                derived.extend(await self._call_batch(name, events))
+                continue
+            for outcome in await self._plugins.call_many(name, events):
+                if outcome.error is None:
+                    derived.extend(outcome.outputs)
+                else:
+                    await self._plugin_failed(outcome.event, outcome.error)
+        return derived
+
+    async def _call_batch(self, name: str, events: list[Event]) -> list[Event]:
+        try:
+            return await self._plugins.call_batch(name, events)
+        except PluginError as exc:
+            for event in events:
+                await self._plugin_failed(event, exc)
+            return []
+
+    async def _plugin_failed(self, event: Event, error: PluginError) -> None:
+        """Keep the event the plugin could not handle as a dead letter with the reason."""
+        await self._dead_letter(
+            DeadLetter(
+                topic=event.topic,
+                raw=event.raw,
+                reason=f"plugin_{error.result}",
+                detail=f"{error.fields.get('plugin', '?')}: {error.message}",
+                received_at=event.received_at,
+                source=event.source,
+            )
+        )
+
+    async def _persist(self, derived: list[Event]) -> None:
+        """Hand derived events to the store and wait until they are committed."""
+        committed = _Committed()
+        for event in derived:
+            committed.track(event)
+            await self._bus.publish(event, to=STORE_SUBSCRIBER)
+        await committed.wait()
+
+    # -- action handlers (called by ActionExecutor while a batch's matches execute) ---------
+
+    async def _alert_action(self, match: RuleMatch, action: AlertAction) -> None:
+        self._alerts.append(alert_row(match, action))
+
+    async def _plugin_action(self, match: RuleMatch, action: PluginAction) -> None:
+        self._derived.extend(await self._plugins.call(action.name, match.event))
+
+
+def publish_handler(
+    publish: Callable[..., None],
+) -> Callable[[RuleMatch, PublishAction], Awaitable[None]]:
+    """Return the ``publish`` action handler that sends through the gateway's MQTT session."""
+
+    async def handler(match: RuleMatch, action: PublishAction) -> None:
+        message = publish_message(match, action)
+        publish(
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            hops=message.hops,
+        )
+
+    return handler
+
+
+__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "JointAck", "Pipeline", "publish_handler"]

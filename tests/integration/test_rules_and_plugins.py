@@ -1,0 +1,267 @@
+"""Rules and plugins in the running gateway: real broker, real Lua, real WebAssembly."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import select
+
+from flux.app import Gateway
+from flux.store.schema import alerts, dead_letters, events
+from tests.conftest import make_settings
+from tests.support import device, unique, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def frame(temp_centi: int, humidity: int, battery_mv: int, flags: int = 0) -> bytes:
+    """A version-1 sensor frame as the shipped frame-decoder plugin reads it."""
+    return struct.pack(">BhBHB", 1, temp_centi, humidity, battery_mv, flags)
+
+
+class Listener:
+    """A paho client collecting what the gateway publishes."""
+
+    def __init__(self, broker: tuple[str, int], topic: str) -> None:
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("listen-"))
+        subscribed = threading.Event()
+        self.client.on_message = lambda c, u, m: self.messages.append(
+            (m.topic, orjson.loads(m.payload))
+        )
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect(*broker)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        if not subscribed.wait(10):
+            raise TimeoutError("listener not subscribed")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def _rows(gateway: Gateway, statement: Any) -> list[dict[str, Any]]:
+    assert gateway.engine is not None
+    async with gateway.engine.connect() as conn:
+        return [dict(row) for row in (await conn.execute(statement)).mappings()]
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, broker: tuple[str, int]) -> Any:
+    dev = unique("dev")
+    settings = make_settings(
+        tmp_path,
+        broker,
+        device_ids=[dev],
+        rules={"dir": str(ROOT / "rules")},
+        plugins={"dir": str(ROOT / "plugins"), "cache_dir": str(tmp_path / "modules")},
+    )
+    return dev, settings
+
+
+async def test_a_matching_message_gives_an_alert_row_and_a_republished_message(
+    shipped: Any, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    dev, settings = shipped
+    listener = Listener(broker, f"alerts/{dev}/#")
+    try:
+        async with start_gateway(settings) as gateway:
+            with device(*broker) as sim:
+                sim.publish_all(
+                    [
+                        (
+                            f"devices/{dev}/telemetry",
+                            orjson.dumps({"temperature": 31.5, "humidity": 40}),
+                        ),
+                        (
+                            f"devices/{dev}/telemetry",
+                            orjson.dumps({"temperature": 21.5, "humidity": 40}),
+                        ),
+                    ]
+                )
+
+            async def alert_stored() -> bool:
+                return bool(await _rows(gateway, select(alerts)))
+
+            await wait_until(alert_stored, what="overheat alert row")
+            [alert] = await _rows(gateway, select(alerts))
+            assert alert["rule_id"] == "overheat" and alert["device_id"] == dev
+            # The store and the pipeline commit independently: the event row may land later.
+            by_id = select(events).where(events.c.id == alert["event_id"])
+
+            async def event_stored() -> bool:
+                return bool(await _rows(gateway, by_id))
+
+            await wait_until(event_stored, what="the alert's event row")
+            stored = await _rows(gateway, by_id)
+            assert stored[0]["payload"] == {"temperature": 31.5, "humidity": 40}
+            await wait_until(lambda: len(listener.messages) >= 1, what="republished alert")
+            topic, body = listener.messages[0]
+            assert topic == f"alerts/{dev}/overheat"
+            assert body["device"] == dev
+            # The enrich plugin ran on both readings.
+            enriched = await _rows(
+                gateway, select(events).where(events.c.topic == f"devices/{dev}/enriched")
+            )
+            assert len(enriched) == 2
+            assert all(row["hops"] == 1 for row in enriched)
+    finally:
+        listener.close()
+
+
+async def test_binary_frames_are_decoded_by_the_plugin_and_matched_by_rules(
+    shipped: Any, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    dev, settings = shipped
+    async with start_gateway(settings) as gateway:
+        with device(*broker) as sim:
+            sim.publish_all(
+                [
+                    (f"devices/{dev}/raw", frame(3350, 45, 3012)),  # 33.5 °C, 45 %: overheat
+                    (f"devices/{dev}/raw", b"\x09short"),  # unknown version: rejected
+                ]
+            )
+
+        async def decoded() -> bool:
+            rows = await _rows(
+                gateway, select(events).where(events.c.topic == f"devices/{dev}/telemetry")
+            )
+            return len(rows) == 1
+
+        await wait_until(decoded, what="decoded telemetry event")
+        [telemetry] = await _rows(
+            gateway, select(events).where(events.c.topic == f"devices/{dev}/telemetry")
+        )
+        assert telemetry["payload"]["temperature"] == pytest.approx(33.5)
+        assert telemetry["payload"]["humidity"] == 45
+        assert telemetry["hops"] == 1
+        raw = await _rows(gateway, select(events).where(events.c.topic == f"devices/{dev}/raw"))
+        assert len(raw) == 2 and "raw_base64" in raw[0]["payload"]
+
+        async def alerted() -> bool:
+            return bool(await _rows(gateway, select(alerts).where(alerts.c.rule_id == "overheat")))
+
+        await wait_until(alerted, what="alert from a decoded frame")
+        letters = await _rows(gateway, select(dead_letters))
+        assert [row["reason"] for row in letters] == ["plugin_rejected"]
+        assert bytes(letters[0]["payload"]) == b"\x09short"
+
+
+HOSTILE = """
+[[rules]]
+id = "runaway"
+topic = "devices/+/telemetry"
+when = "(function() while true do end end)()"
+
+[[rules]]
+id = "hot"
+topic = "devices/+/telemetry"
+when = "temperature > 30"
+actions = [{ type = "alert", severity = "critical" }]
+"""
+
+
+async def test_a_runaway_rule_is_quarantined_and_the_others_keep_running(
+    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    dev = unique("dev")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "rules.toml").write_text(HOSTILE)
+    settings = make_settings(tmp_path, broker, device_ids=[dev], rules={"quarantine_after": 2})
+    async with start_gateway(settings) as gateway:
+        with device(*broker) as sim:
+            sim.publish_all(
+                [
+                    (f"devices/{dev}/telemetry", orjson.dumps({"temperature": 35 + i}))
+                    for i in range(5)
+                ]
+            )
+
+        async def five_alerts() -> bool:
+            return len(await _rows(gateway, select(alerts))) == 5
+
+        await wait_until(five_alerts, what="alerts from the healthy rule")
+        assert gateway.rules is not None
+        status = gateway.rules.status("runaway")
+        assert status is not None and status.status == "quarantined"
+        assert status.last_error is not None and status.last_error["kind"] == "timeout"
+
+
+async def test_rules_api_create_test_reload_disable_and_delete(
+    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    dev = unique("dev")
+    settings = make_settings(tmp_path, broker, device_ids=[dev])
+    rule = {
+        "id": "cold",
+        "topic": "devices/+/telemetry",
+        "when": "temperature < 0",
+        "actions": [{"type": "alert", "severity": "info"}],
+    }
+    async with (
+        start_gateway(settings) as gateway,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+        ) as api,
+    ):
+        created = await api.post("/rules", json=rule)
+        assert created.status_code == 201, created.text
+        assert created.json()["rule"]["status"] == "active"
+        assert (await api.post("/rules", json=rule)).status_code == 409
+        broken = await api.post("/rules", json={**rule, "id": "broken", "when": "temperature <"})
+        assert broken.status_code == 422
+        assert broken.json()["error"] == "RuleCompileError"
+        test = await api.post("/rules/cold/test", json={"payload": {"temperature": -4}})
+        assert test.json()["matched"] is True
+        reload = (await api.post("/rules/reload")).json()
+        assert reload["result"] == "ok" and reload["active"] == 1
+        stored = await api.post(
+            "/event", json={"topic": f"devices/{dev}/telemetry", "payload": {"temperature": -4}}
+        )
+        assert stored.status_code == 201
+
+        async def alerted() -> bool:
+            return len(await _rows(gateway, select(alerts))) == 1
+
+        await wait_until(alerted, what="alert from an API-created rule")
+        disabled = await api.post("/rules/cold/disable")
+        assert disabled.json()["rule"]["status"] == "disabled"
+        await api.post(
+            "/event", json={"topic": f"devices/{dev}/telemetry", "payload": {"temperature": -9}}
+        )
+        assert len(await _rows(gateway, select(alerts))) == 1
+        assert (await api.delete("/rules/cold")).status_code == 200
+        assert (await api.get("/rules/cold")).status_code == 404
+        listing = (await api.get("/rules")).json()
+        assert listing["rules"] == []
+
+
+async def test_plugins_api_lists_pools_and_restarts(shipped: Any, start_gateway: Any) -> None:
+    _, settings = shipped
+    async with (
+        start_gateway(settings) as gateway,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+        ) as api,
+    ):
+        listing = (await api.get("/plugins")).json()
+        names = {p["name"] for p in listing["plugins"]}
+        assert names == {"frame-decoder", "enrich", "batch-stats"}
+        pool = (await api.get("/plugins/enrich")).json()["pool"]
+        assert {"available", "max_size", "hits", "misses"} <= set(pool)
+        restarted = await api.post("/plugins/enrich/restart")
+        assert restarted.status_code == 200
+        assert restarted.json()["restart_count"] >= 1
+        assert (await api.get("/plugins/nope")).status_code == 404
+        reloaded = (await api.post("/plugins/reload")).json()
+        assert reloaded["errors"] == {}
