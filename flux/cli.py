@@ -10,6 +10,8 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from flux import __version__
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError, FluxError
@@ -60,6 +62,78 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+def _rules_dir(args: argparse.Namespace) -> Path:
+    return Path(args.path) if args.path else Path(_settings(args).rules.dir)
+
+
+def _cmd_rules_validate(args: argparse.Namespace) -> int:
+    from flux.rules import validate_rules
+
+    report = validate_rules(_rules_dir(args))
+    _print_json(report.to_dict())
+    return 0 if report.ok else EXIT_FAILURE
+
+
+def _cmd_rules_test(args: argparse.Namespace) -> int:
+    from flux.rules import run_rule_test
+
+    payload = _json_object(args.payload, "--payload")
+    result = run_rule_test(args.rule, payload, topic=args.topic, path=_rules_dir(args))
+    _print_json(result.to_dict())
+    return EXIT_FAILURE if result.error is not None else 0
+
+
+def _plugin_manager(args: argparse.Namespace) -> Any:
+    from flux.plugins import PluginManager
+
+    settings = _settings(args)
+    cache = settings.plugins.cache_dir
+    return PluginManager(
+        plugins_dir=Path(args.path or settings.plugins.dir),
+        cache_dir=Path(cache) if cache else None,
+        default_pool_size=1,
+    )
+
+
+def _cmd_plugins_list(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        async with _plugin_manager(args) as manager:
+            return {
+                "plugins": manager.describe_all(),
+                "errors": {name: err.to_dict() for name, err in manager.load_errors.items()},
+            }
+
+    listing = asyncio.run(main())
+    _print_json(listing)
+    return EXIT_FAILURE if listing["errors"] else 0
+
+
+def _cmd_plugins_test(args: argparse.Namespace) -> int:
+    data = bytes.fromhex(args.hex) if args.hex else (args.payload or "{}").encode()
+
+    async def main() -> list[dict[str, Any]]:
+        async with _plugin_manager(args) as manager:
+            outputs = await manager.test(args.name, data, topic=args.topic)
+            return [{"topic": e.topic, "payload": e.payload, "hops": e.hops} for e in outputs]
+
+    _print_json(asyncio.run(main()))
+    return 0
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise FluxError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise FluxError(f"{option} must be a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux",
@@ -106,6 +180,54 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     check.set_defaults(handler=_cmd_config_check)
+
+    rules = commands.add_parser("rules", help="check and try rules without a running gateway")
+    rules_commands = rules.add_subparsers(
+        dest="rules_command", required=True, metavar="RULES_COMMAND"
+    )
+    validate = with_config(
+        rules_commands.add_parser(
+            "validate", help="load and compile every rule; print errors with file and line"
+        )
+    )
+    validate.add_argument("path", nargs="?", help="rule file or folder (default: [rules] dir)")
+    validate.set_defaults(handler=_cmd_rules_validate)
+    rule_test = with_config(
+        rules_commands.add_parser(
+            "test", help="evaluate one rule against a sample payload (no actions run)"
+        )
+    )
+    rule_test.add_argument("rule", help="rule id")
+    rule_test.add_argument(
+        "--payload", required=True, help="JSON object, e.g. '{\"temperature\": 31}'"
+    )
+    rule_test.add_argument("--topic", help="topic of the sample message")
+    rule_test.add_argument("--path", help="rule file or folder (default: [rules] dir)")
+    rule_test.set_defaults(handler=_cmd_rules_test)
+
+    plugins = commands.add_parser("plugins", help="inspect and try WebAssembly plugins")
+    plugin_commands = plugins.add_subparsers(
+        dest="plugins_command", required=True, metavar="PLUGINS_COMMAND"
+    )
+    listing = with_config(
+        plugin_commands.add_parser(
+            "list", help="load every plugin and print its manifest, limits and pool"
+        )
+    )
+    listing.add_argument("--path", help="plugins folder (default: [plugins] dir)")
+    listing.set_defaults(handler=_cmd_plugins_list)
+    plugin_test = with_config(
+        plugin_commands.add_parser(
+            "test", help="call a plugin on a sample message and print what it emits"
+        )
+    )
+    plugin_test.add_argument("name", help="plugin name")
+    sample = plugin_test.add_mutually_exclusive_group()
+    sample.add_argument("--payload", help="JSON message for json-input plugins")
+    sample.add_argument("--hex", help="raw bytes as hex for raw-input plugins, e.g. 010d1e2d0bc400")
+    plugin_test.add_argument("--topic", help="topic of the sample message")
+    plugin_test.add_argument("--path", help="plugins folder (default: [plugins] dir)")
+    plugin_test.set_defaults(handler=_cmd_plugins_test)
     return parser
 
 

@@ -39,10 +39,56 @@ def _flux(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 def test_help_explains_every_command() -> None:
     result = _flux("--help")
     assert result.returncode == 0
-    for command in ("run", "db", "config"):
+    for command in ("run", "db", "config", "rules", "plugins"):
         assert command in result.stdout
     assert "upgrade" in _flux("db", "--help").stdout
     assert "--config" in _flux("run", "--help").stdout
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rules_validate_reports_each_broken_rule_with_its_line(tmp_path: Path) -> None:
+    assert _flux("rules", "validate", str(ROOT / "rules")).returncode == 0
+    (tmp_path / "bad.toml").write_text(
+        '[[rules]]\nid = "ok"\ntopic = "a/#"\nwhen = "x > 1"\n\n'
+        '[[rules]]\nid = "broken"\ntopic = "a/#"\nscript = """\nlocal a = 1\nreturn a +\n"""\n'
+    )
+    result = _flux("rules", "validate", str(tmp_path))
+    assert result.returncode == 1
+    report = orjson.loads(result.stdout)
+    assert report["valid"] == ["ok"]
+    [error] = report["errors"]
+    assert error["rule_id"] == "broken" and error["error"] == "RuleCompileError"
+    assert error["line"] == 3
+
+
+def test_rules_test_and_plugins_test_from_the_command_line() -> None:
+    matched = _flux(
+        "rules",
+        "test",
+        "overheat",
+        "--path",
+        str(ROOT / "rules"),
+        "--payload",
+        '{"temperature": 31, "humidity": 40}',
+    )
+    assert matched.returncode == 0, matched.stderr
+    assert orjson.loads(matched.stdout)["matched"] is True
+    bad = _flux("rules", "test", "overheat", "--path", str(ROOT / "rules"), "--payload", "[1]")
+    assert bad.returncode == 1 and "JSON object" in bad.stderr
+    decoded = _flux(
+        "plugins",
+        "test",
+        "frame-decoder",
+        "--path",
+        str(ROOT / "plugins"),
+        "--hex",
+        "010d1e2d0bc400",
+    )
+    assert decoded.returncode == 0, decoded.stderr
+    [output] = orjson.loads(decoded.stdout)
+    assert output["payload"]["temperature"] == 33.58
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
