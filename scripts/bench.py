@@ -82,6 +82,31 @@ class Bench:
     broker: PrivateMosquitto | None = None
     http_port: int = 0
 
+    def rules_dir(self) -> Path:
+        """Write ``--rules`` generated threshold rules (alert on a rare match) for the run."""
+        folder = self.workdir / "rules"
+        folder.mkdir(exist_ok=True)
+        lines = []
+        for i in range(self.args.rules):
+            lines += [
+                "[[rules]]",
+                f'id = "bench-{i}"',
+                'topic = "devices/+/telemetry"',
+                f'when = "temperature > {30 + i % 5} and humidity < {20 + i % 7}"',
+                'actions = [{ type = "alert", severity = "info" }]',
+                "",
+            ]
+        (folder / "bench.toml").write_text("\n".join(lines))
+        return folder
+
+    def plugins_dir(self) -> Path:
+        """An empty plugins folder, or one holding the shipped ``--plugin``."""
+        folder = self.workdir / "plugins"
+        folder.mkdir(exist_ok=True)
+        if self.args.plugin and not (folder / self.args.plugin).exists():
+            shutil.copytree(ROOT / "plugins" / self.args.plugin, folder / self.args.plugin)
+        return folder
+
     def config(self, **overrides: dict[str, Any]) -> Path:
         assert self.broker is not None
         self.http_port = free_port()
@@ -98,8 +123,8 @@ class Bench:
             },
             "eventbus": {"capacity": self.args.capacity},
             "database": {"url": db_url, "batch_size": self.args.batch_size},
-            "rules": {"dir": str(self.workdir / "rules")},
-            "plugins": {"dir": str(self.workdir / "plugins")},
+            "rules": {"dir": str(self.rules_dir())},
+            "plugins": {"dir": str(self.plugins_dir()), "cache_dir": str(self.workdir / "modules")},
         }
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
@@ -159,7 +184,7 @@ class Bench:
         if url:
             return _pg_count(url)
         with sqlite3.connect(self.workdir / "bench.db", timeout=30) as conn:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            return int(conn.execute("SELECT count(*) FROM events WHERE hops = 0").fetchone()[0])
 
     def reset_db(self) -> None:
         if self.args.database_url:
@@ -183,7 +208,7 @@ def _pg_execute(url: str, sql: str) -> Any:
 
 
 def _pg_count(url: str) -> int:
-    return int(_pg_execute(url, "SELECT count(*) FROM events"))
+    return int(_pg_execute(url, "SELECT count(*) FROM events WHERE hops = 0"))
 
 
 def _publisher(port: int, device: str, count: int, qos: int, barrier: Any) -> None:
@@ -456,6 +481,10 @@ def main() -> int:
     parser.add_argument("--http-concurrency", type=int, default=100)
     parser.add_argument("--capacity", type=int, default=1024, help="eventbus.capacity")
     parser.add_argument("--batch-size", type=int, default=500, help="database.batch_size")
+    parser.add_argument("--rules", type=int, default=10, help="generated rules (0 = none)")
+    parser.add_argument(
+        "--plugin", default="enrich", help="shipped plugin to run on telemetry ('' = none)"
+    )
     parser.add_argument("--database-url", default="", help="PostgreSQL URL instead of SQLite")
     parser.add_argument("--timeout", type=float, default=300, help="cap per scenario (s)")
     parser.add_argument("--output", default="bench-results.json")
