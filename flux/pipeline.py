@@ -18,8 +18,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from flux.bus import EventBus
+from flux.bus import BusClosed, EventBus
 from flux.events import DeadLetter, Event
+from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
 from flux.rules import (
     ActionExecutor,
@@ -115,7 +116,12 @@ class Pipeline:
         return True
 
     async def handle(self, batch: list[Event]) -> None:
-        """Process ``batch`` and what it derives; then confirm each event (see ``JointAck``)."""
+        """Process ``batch`` and what it derives; then confirm each event (see ``JointAck``).
+
+        A bug in a stage is logged and counted and the batch is still confirmed, so one bad
+        batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
+        the batch stays unconfirmed and the broker redelivers it.
+        """
         try:
             work = batch
             while work:
@@ -123,9 +129,14 @@ class Pipeline:
                 if derived:
                     await self._persist(derived)
                 work = [event for event in derived if event.hops <= self._max_hops]
-        finally:
-            for event in batch:
-                event.ack()
+        except BusClosed:
+            log.warning("bus closed mid-batch; %d events left for redelivery", len(batch))
+            return
+        except Exception:
+            SUBSCRIBER_ERRORS.labels(subscriber=PIPELINE_SUBSCRIBER).inc()
+            log.exception("pipeline failed on a batch of %d events", len(batch))
+        for event in batch:
+            event.ack()
 
     async def _process(self, work: list[Event]) -> list[Event]:
         """One level: plugins on the events they subscribe to, then rules and actions."""
