@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from flux.app import Gateway
 
 log = logging.getLogger(__name__)
+
+DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 
 class _RequestMetrics:
@@ -96,6 +99,11 @@ def create_api(gateway: Gateway) -> FastAPI:
     api.include_router(devices.router, prefix="/api/v1", dependencies=protected)
     api.include_router(rules.router, prefix="/api/v1", dependencies=protected)
     api.include_router(plugins.router, prefix="/api/v1", dependencies=protected)
+
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        """A small live page: readiness, bus depth, rules, plugin pools, devices, alerts."""
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
 
     @api.get("/health", tags=["operations"])
     async def health() -> dict[str, str]:

@@ -42,6 +42,38 @@ async def device_events(
     return await queries.device_events(request.app.state.gateway.engine, device_id, limit=limit)
 
 
+@router.get("/alerts")
+async def alerts(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    device_id: Annotated[str | None, Query(max_length=255)] = None,
+    rule_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> list[dict[str, Any]]:
+    """Return the newest alerts, optionally filtered by device or rule."""
+    return await queries.list_alerts(
+        request.app.state.gateway.engine, limit=limit, device_id=device_id, rule_id=rule_id
+    )
+
+
+@router.get("/status")
+async def status(request: Request) -> dict[str, Any]:
+    """One-call overview for the dashboard: readiness, bus depth, rules and plugin pools."""
+    gateway = request.app.state.gateway
+    rules = gateway.rules.rules() if gateway.rules is not None else []
+    by_status: dict[str, int] = {}
+    for rule in rules:
+        by_status[rule.status] = by_status.get(rule.status, 0) + 1
+    pools = gateway.plugins.all_stats() if gateway.plugins is not None else {}
+    return {
+        "ready": gateway.readiness(),
+        "bus_depth": gateway.bus.depth(),
+        "bus_capacity": gateway.bus.capacity,
+        "mqtt_pending": gateway.mqtt.pending if gateway.mqtt is not None else 0,
+        "rules": {"version": gateway.rules.version if gateway.rules else 0, **by_status},
+        "plugins": {name: stats.as_dict() for name, stats in pools.items()},
+    }
+
+
 @router.get("/dead-letters")
 async def dead_letters(
     request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux.metrics import DB_QUERY_DURATION
-from flux.store.schema import dead_letters, devices, events
+from flux.store.schema import alerts, dead_letters, devices, events
 
 
 def _iso(value: Any) -> Any:
@@ -50,6 +50,22 @@ async def device_events(engine: AsyncEngine, device_id: str, *, limit: int) -> l
     return await _fetch(engine, "device_events", statement)
 
 
+async def list_alerts(
+    engine: AsyncEngine,
+    *,
+    limit: int,
+    device_id: str | None = None,
+    rule_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Return the newest alerts, optionally for one device or one rule."""
+    statement = select(alerts).order_by(alerts.c.id.desc()).limit(limit)
+    if device_id is not None:
+        statement = statement.where(alerts.c.device_id == device_id)
+    if rule_id is not None:
+        statement = statement.where(alerts.c.rule_id == rule_id)
+    return await _fetch(engine, "alerts", statement)
+
+
 async def list_dead_letters(engine: AsyncEngine, *, limit: int) -> list[dict[str, Any]]:
     """Return the newest dead letters; the raw payload as text with undecodable bytes escaped."""
     statement = select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
@@ -61,4 +77,4 @@ async def list_dead_letters(engine: AsyncEngine, *, limit: int) -> list[dict[str
     return rows
 
 
-__all__ = ["device_events", "get_device", "list_dead_letters", "list_devices"]
+__all__ = ["device_events", "get_device", "list_alerts", "list_dead_letters", "list_devices"]

@@ -128,6 +128,16 @@ async def test_health_ready_metrics_and_openapi(api: Any) -> None:
     assert (await api.get("/docs")).status_code == 200
 
 
+async def test_dashboard_status_and_alerts(api: Any) -> None:
+    page = await api.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200 and "flux gateway" in page.text
+    status = (await api.get("/api/v1/status")).json()
+    assert status["ready"]["database"] is True
+    assert status["bus_capacity"] == 1024 and "store" in status["bus_depth"]
+    assert (await api.get("/api/v1/alerts", params={"rule_id": "x"})).json() == []
+    assert (await api.get("/api/v1/status", headers={"Authorization": ""})).status_code == 401
+
+
 async def test_unknown_device_and_route_are_json_404(api: Any) -> None:
     response = await api.get("/api/v1/devices/nobody")
     assert response.status_code == 404 and response.json()["error"] == "NotFound"
