@@ -125,8 +125,9 @@ def device_id_for(topic: str, payload: dict[str, Any]) -> str | None:
 def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode a message body into a JSON object or raise ``InvalidEvent`` with the reason.
 
-    orjson rejects NaN/Infinity, integers beyond 64 bits and nesting deeper than 1024, so
-    none of those can reach a rule, a plugin or the database.
+    orjson rejects NaN/Infinity and nesting deeper than 1024, so neither can reach a rule, a
+    plugin or the database. Integers beyond 64 bits are read as floats (their low digits
+    are lost), as most JSON consumers would.
     """
     if len(raw) > max_bytes:
         raise InvalidEvent(

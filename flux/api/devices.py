@@ -18,7 +18,7 @@ DeviceId = Annotated[str, Path(min_length=1, max_length=255)]
 async def list_devices(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> list[dict[str, Any]]:
     """List known devices with first/last seen, message count and last payload."""
     return await queries.list_devices(request.app.state.gateway.engine, limit=limit, offset=offset)

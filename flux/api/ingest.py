@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from flux.errors import InvalidEvent, NotReady, StoreUnavailable
 from flux.events import DeadLetter, Event, make_event
 
-router = APIRouter(tags=["events"])
+
+class _StrictJsonRoute(APIRoute):
+    """Parse request bodies with orjson, as MQTT payloads are parsed.
+
+    FastAPI's ``json`` accepts NaN, Infinity and integers of any size; orjson refuses NaN
+    and Infinity and reads integers beyond 64 bits as floats, so an HTTP event and the same
+    message over MQTT get the same treatment.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_json(request: Request) -> Response:
+            body = await request.body()
+            if body:
+                try:
+                    request._json = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise InvalidEvent(
+                        f"the body is not valid JSON: {exc}", reason="invalid_json"
+                    ) from None
+            return await handler(request)
+
+        return strict_json
+
+
+router = APIRouter(tags=["events"], route_class=_StrictJsonRoute)
 
 MAX_BATCH_EVENTS = 10_000
 
@@ -45,9 +73,15 @@ class _Done:
 
 
 def _to_event(item: EventIn, *, max_bytes: int, index: int | None = None) -> Event:
-    created = make_event(item.topic, orjson.dumps(item.payload), max_bytes=max_bytes, source="http")
+    where = f"events[{index}]: " if index is not None else ""
+    try:
+        raw = orjson.dumps(item.payload)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidEvent(
+            f"{where}payload cannot be stored: {exc}", reason="invalid_json"
+        ) from None
+    created = make_event(item.topic, raw, max_bytes=max_bytes, source="http")
     if isinstance(created, DeadLetter):
-        where = f"events[{index}]: " if index is not None else ""
         raise InvalidEvent(where + created.detail, reason=created.reason)
     return created
 

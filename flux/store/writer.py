@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Stateme
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flux import faults
+from flux.errors import StoreUnavailable
 from flux.events import DeadLetter, Event
 from flux.metrics import (
     DB_BATCH_SIZE,
@@ -84,12 +85,18 @@ def _device_rows(batch: Sequence[Event]) -> list[dict[str, Any]]:
     return rows
 
 
+def _storable_text(text: str) -> str:
+    """Escape what a text column refuses (PostgreSQL: NUL) so a dead letter always fits."""
+    return text.replace("\x00", "\\u0000")
+
+
 def _dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
+    """The row of a dead letter; the raw bytes are kept exactly, the texts made storable."""
     return {
-        "topic": letter.topic,
+        "topic": _storable_text(letter.topic),
         "payload": letter.raw,
         "reason": letter.reason,
-        "detail": letter.detail,
+        "detail": _storable_text(letter.detail),
         "source": letter.source,
         "received_at": _utc(letter.received_at),
     }
@@ -165,7 +172,11 @@ class StoreWriter:
         faults.hit("before_commit")
 
     async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
-        """Write a rejected batch one event at a time; dead-letter the ones refused."""
+        """Write a rejected batch one event at a time; dead-letter the ones refused.
+
+        The dead letter holds the raw bytes in a binary column and escaped texts, so the
+        database cannot refuse it for the content that got the event refused.
+        """
         for event in batch:
             rejected = await self._with_retry(partial(self._insert_events, batch=[event]))
             if rejected:
@@ -177,7 +188,10 @@ class StoreWriter:
                     received_at=event.received_at,
                     source=event.source,
                 )
-                await self._with_retry(partial(self._insert_dead_letters, batch=[letter]))
+                refused = await self._with_retry(partial(self._insert_dead_letters, batch=[letter]))
+                if refused:
+                    # Should be impossible; never acknowledge what is stored nowhere.
+                    raise StoreUnavailable(f"the database refused a dead letter: {refused}")
                 DEAD_LETTERS.labels(reason=REASON_STORE_REJECTED).inc()
 
     # -- alerts ---------------------------------------------------------------------------
