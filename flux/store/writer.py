@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 REASON_STORE_REJECTED = "store_rejected"
 _DEAD_LETTER_BATCH = 256
+_DEAD_LETTER_QUEUE = 1024
+#: ``dead_letter_backlog`` above this many queued dead letters, cleared below the low mark.
+_DEAD_LETTER_HIGH, _DEAD_LETTER_LOW = _DEAD_LETTER_QUEUE * 8 // 10, _DEAD_LETTER_QUEUE // 2
 
 
 def _utc(timestamp: float) -> datetime:
@@ -60,10 +63,14 @@ def _event_row(event: Event) -> dict[str, Any]:
 
 
 def _device_rows(batch: Sequence[Event]) -> list[dict[str, Any]]:
-    """Fold a batch into one row per device (first/last seen, count, last payload)."""
+    """Fold a batch into one row per device (first/last seen, count, last payload).
+
+    Only messages the device sent count (hop 0): derived events (decoded, enriched,
+    statistics) are stored as events but are not the device's messages.
+    """
     summary: dict[str, dict[str, Any]] = {}
     for event in batch:
-        if event.device_id is None:
+        if event.device_id is None or event.hops:
             continue
         row = summary.get(event.device_id)
         if row is None:
@@ -119,15 +126,18 @@ class StoreWriter:
         self._retry_max_delay_s = retry_max_delay_s
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=1024)
+        self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
         self.available = True
+        self.dead_letter_backlog = False
         self.last_error = ""
         self.on_availability: Callable[[bool], None] | None = None
 
     async def __aenter__(self) -> Self:
         if self._dead_letter_task is not None:
             raise RuntimeError("the store writer is already running")
+        for reason in ("database_unavailable", "dead_letter_backlog"):
+            DEGRADED.labels(reason=reason).set(0)
         self._dead_letter_task = asyncio.create_task(
             self._dead_letter_loop(), name="store:dead-letters"
         )
@@ -169,6 +179,7 @@ class StoreWriter:
                 },
             )
             await conn.execute(statement, device_rows)
+        faults.hit("db_io_error")
         faults.hit("before_commit")
 
     async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
@@ -210,6 +221,8 @@ class StoreWriter:
         """Queue a dead letter; it is committed in a batch and then acknowledged."""
         DEAD_LETTERS.labels(reason=letter.reason).inc()
         await self._dead_letters.put(letter)
+        if not self.dead_letter_backlog and self._dead_letters.qsize() > _DEAD_LETTER_HIGH:
+            self._set_dead_letter_backlog(True)
 
     async def _insert_dead_letters(
         self, conn: AsyncConnection, batch: Sequence[DeadLetter]
@@ -227,6 +240,8 @@ class StoreWriter:
             for letter in batch:
                 letter.ack()
                 self._dead_letters.task_done()
+            if self.dead_letter_backlog and self._dead_letters.qsize() < _DEAD_LETTER_LOW:
+                self._set_dead_letter_backlog(False)
 
     async def _drain_dead_letters(self, timeout: float) -> None:
         try:
@@ -273,6 +288,21 @@ class StoreWriter:
         DEGRADED.labels(reason="database_unavailable").set(0 if available else 1)
         if self.on_availability is not None:
             self.on_availability(available)
+
+    @property
+    def dead_letters_queued(self) -> int:
+        return self._dead_letters.qsize()
+
+    def _set_dead_letter_backlog(self, backlog: bool) -> None:
+        self.dead_letter_backlog = backlog
+        DEGRADED.labels(reason="dead_letter_backlog").set(1 if backlog else 0)
+        log.log(
+            logging.WARNING if backlog else logging.INFO,
+            "dead-letter queue %s: %d of %d queued",
+            "backing up" if backlog else "caught up",
+            self._dead_letters.qsize(),
+            _DEAD_LETTER_QUEUE,
+        )
 
 
 __all__ = ["REASON_STORE_REJECTED", "StoreWriter"]

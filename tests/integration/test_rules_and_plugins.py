@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from flux.app import Gateway
-from flux.store.schema import alerts, dead_letters, events
+from flux.store.schema import alerts, dead_letters, devices, events
 from tests.conftest import make_settings
 from tests.support import device, unique, wait_until
 
@@ -108,12 +108,19 @@ async def test_a_matching_message_gives_an_alert_row_and_a_republished_message(
             topic, body = listener.messages[0]
             assert topic == f"alerts/{dev}/overheat"
             assert body["device"] == dev
-            # The enrich plugin ran on both readings.
-            enriched = await _rows(
-                gateway, select(events).where(events.c.topic == f"devices/{dev}/enriched")
-            )
-            assert len(enriched) == 2
+            # The enrich plugin ran on both readings (its outputs commit after the alert).
+            enriched_rows = select(events).where(events.c.topic == f"devices/{dev}/enriched")
+
+            async def both_enriched() -> bool:
+                return len(await _rows(gateway, enriched_rows)) == 2
+
+            await wait_until(both_enriched, what="two enriched events")
+            enriched = await _rows(gateway, enriched_rows)
             assert all(row["hops"] == 1 for row in enriched)
+            # Derived events are stored but are not the device's messages.
+            [row] = await _rows(gateway, select(devices).where(devices.c.id == dev))
+            assert row["message_count"] == 2
+            assert row["last_payload"] == {"temperature": 21.5, "humidity": 40}
     finally:
         listener.close()
 
