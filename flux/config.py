@@ -139,6 +139,7 @@ class WebhooksConfig(_Section):
     base_delay_s: float = Field(1.0, gt=0)
     max_delay_s: float = Field(300.0, gt=0)
     concurrency: int = Field(4, ge=1, le=64)
+    poll_interval_s: float = Field(1.0, gt=0)
 
 
 class ShutdownConfig(_Section):

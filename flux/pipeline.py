@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from flux.bus import BusClosed, EventBus
+from flux.errors import StoreUnavailable
 from flux.events import DeadLetter, Event
 from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
@@ -206,6 +208,29 @@ class Pipeline:
         self._derived.extend(await self._plugins.call(action.name, match.event))
 
 
+def retry_through_outages(
+    handler: Callable[[RuleMatch, Any], Awaitable[None]], *, max_delay_s: float
+) -> Callable[[RuleMatch, Any], Awaitable[None]]:
+    """Retry ``handler`` while the database is unavailable, with capped, jittered backoff.
+
+    The webhook outbox refuses to queue during an outage; retrying here holds the batch
+    (and so its acknowledgement) until the webhook is durably queued, instead of losing it.
+    """
+
+    async def handler_with_retry(match: RuleMatch, action: Any) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await handler(match, action)
+                return
+            except StoreUnavailable as exc:
+                log.warning("%s; retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, max_delay_s)
+
+    return handler_with_retry
+
+
 def publish_handler(
     publish: Callable[..., None],
 ) -> Callable[[RuleMatch, PublishAction], Awaitable[None]]:
@@ -224,4 +249,11 @@ def publish_handler(
     return handler
 
 
-__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "JointAck", "Pipeline", "publish_handler"]
+__all__ = [
+    "PIPELINE_SUBSCRIBER",
+    "STORE_SUBSCRIBER",
+    "JointAck",
+    "Pipeline",
+    "publish_handler",
+    "retry_through_outages",
+]

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -109,4 +110,33 @@ plugins = Table(
     Column("updated_at", Timestamp, nullable=False),
 )
 
-__all__ = ["alerts", "dead_letters", "devices", "events", "metadata", "plugins", "rules"]
+#: Webhook POSTs waiting to be delivered (or retried); ``flux.webhooks`` owns the rows.
+#: ``next_attempt_at`` doubles as the lease of a claimed row, ``claim_token`` says whose it is.
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("rule_id", String(64), nullable=False),
+    Column("event_id", String(32), nullable=True),
+    Column("url", Text, nullable=False),
+    Column("headers", JsonType, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("timeout_s", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Timestamp, nullable=False),
+    Column("claim_token", String(32), nullable=True),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_webhook_outbox_next_attempt_at", "next_attempt_at"),
+)
+
+__all__ = [
+    "alerts",
+    "dead_letters",
+    "devices",
+    "events",
+    "metadata",
+    "plugins",
+    "rules",
+    "webhook_outbox",
+]
