@@ -27,15 +27,28 @@ from flux.config import Settings
 from flux.events import DeadLetter, Event
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.ingest.mqtt import MqttIngest
-from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, JointAck, Pipeline, publish_handler
+from flux.metrics import DEGRADED
+from flux.pipeline import (
+    PIPELINE_SUBSCRIBER,
+    STORE_SUBSCRIBER,
+    JointAck,
+    Pipeline,
+    publish_handler,
+    retry_through_outages,
+)
 from flux.plugins import PluginManager
 from flux.rules import ActionExecutor, RuleEngine
 from flux.rules.sources import RuleSources
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
+from flux.webhooks import WebhookOutbox
 
 log = logging.getLogger(__name__)
+
+
+#: Degraded reasons that make the gateway not ready (/ready answers 503).
+NOT_READY = frozenset({"not_accepting", "database_unavailable", "mqtt_disconnected"})
 
 
 class Gateway:
@@ -46,7 +59,7 @@ class Gateway:
         self._serve_http = serve_http
         self._stack: AsyncExitStack | None = None
         self._stop_requested = asyncio.Event()
-        self.accepting = False
+        self._accepting = False
         self.stopping = False
         self.engine: AsyncEngine | None = None
         self.bus = EventBus(
@@ -60,9 +73,20 @@ class Gateway:
         self.rule_sources: RuleSources | None = None
         self.actions: ActionExecutor | None = None
         self.pipeline: Pipeline | None = None
+        self.outbox: WebhookOutbox | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
+
+    @property
+    def accepting(self) -> bool:
+        """Whether intake is open (false while starting and stopping)."""
+        return self._accepting
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._accepting = value
+        DEGRADED.labels(reason="not_accepting").set(0 if value else 1)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -143,6 +167,24 @@ class Gateway:
         await self.reload_rules()
         self.actions = ActionExecutor(max_hops=rules.max_hops)
         self.actions.register("publish", publish_handler(self._publish_mqtt))
+        hooks = settings.webhooks
+        self.outbox = await self._stack.enter_async_context(
+            WebhookOutbox(
+                engine=self.engine,
+                max_attempts=hooks.max_attempts,
+                base_delay_s=hooks.base_delay_s,
+                max_delay_s=hooks.max_delay_s,
+                concurrency=hooks.concurrency,
+                poll_interval_s=hooks.poll_interval_s,
+                shutdown_timeout_s=settings.shutdown.close_timeout_s,
+            )
+        )
+        self.actions.register(
+            "webhook",
+            retry_through_outages(
+                self.outbox.handler, max_delay_s=settings.database.retry_max_delay_s
+            ),
+        )
         self.pipeline = Pipeline(
             bus=self.bus,
             plugins=self.plugins,
@@ -297,12 +339,33 @@ class Gateway:
             await self.publish(event)
 
     def readiness(self) -> dict[str, bool]:
-        """Return each condition /ready checks."""
+        """Return each condition /ready checks; all must hold for the gateway to be ready."""
         return {
             "accepting": self.accepting,
             "database": self.writer is not None and self.writer.available,
             "mqtt": self.mqtt is not None and self.mqtt.connected,
         }
+
+    def degraded(self) -> dict[str, str]:
+        """Return every reason the gateway is degraded now, each with a detail.
+
+        The reasons in ``NOT_READY`` fail ``readiness()`` (/ready answers 503); the others
+        (``bus_backlog``, ``dropping``, ``dead_letter_backlog``) are reported with a 200:
+        the gateway still takes and stores what it is sent, only slower or, under a drop
+        policy the operator chose, with QoS 0 losses that are counted.
+        """
+        reasons: dict[str, str] = {}
+        if not self.accepting:
+            reasons["not_accepting"] = "stopping" if self.stopping else "starting"
+        writer = self.writer
+        if writer is None or not writer.available:
+            reasons["database_unavailable"] = writer.last_error if writer else "not started"
+        if self.mqtt is None or not self.mqtt.connected:
+            reasons["mqtt_disconnected"] = self.settings.mqtt.url
+        reasons.update(self.bus.degraded())
+        if writer is not None and writer.dead_letter_backlog:
+            reasons["dead_letter_backlog"] = f"{writer.dead_letters_queued} dead letters queued"
+        return reasons
 
 
 async def run(settings: Settings) -> None:
@@ -316,4 +379,4 @@ async def run(settings: Settings) -> None:
         log.info("stopping: intake off, draining the bus")
 
 
-__all__ = ["Gateway", "run"]
+__all__ = ["NOT_READY", "Gateway", "run"]

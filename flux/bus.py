@@ -5,7 +5,14 @@ batches. When a queue is full the subscriber's overflow policy decides: ``block`
 the publisher wait (back-pressure reaches the MQTT socket through Receive Maximum and the
 HTTP caller), ``drop_oldest`` / ``drop_newest`` drop and count. Events a sender waits on
 (MQTT QoS 1, HTTP) are never dropped: under a drop policy they wait as under ``block``.
-Blocked publishers are served strictly first-come first-served, so order is kept.
+Blocked publishers are served strictly first-come first-served, and a publisher that has
+to wait holds the bus's ordering lock until it has reached every subscriber, so no later
+event overtakes it anywhere: each subscriber sees events in publish order.
+
+The bus reports two ``flux_degraded`` reasons, changed on state transitions only (the
+publishing fast path does no extra work): ``bus_backlog`` while some subscriber's queue
+holds more than ``high_water`` of its capacity (cleared once it is below ``low_water``),
+and ``dropping`` while a drop policy dropped an event within the last ``dropping_window_s``.
 """
 
 from __future__ import annotations
@@ -13,14 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Self
 
+from prometheus_client import Counter
+
 from flux.config import OverflowPolicy
 from flux.errors import FluxError
 from flux.events import Event
-from flux.metrics import EVENTBUS_DEPTH, EVENTBUS_DROPPED, EVENTS_PUBLISHED, SUBSCRIBER_ERRORS
+from flux.metrics import (
+    DEGRADED,
+    EVENTBUS_DEPTH,
+    EVENTBUS_DROPPED,
+    EVENTS_PUBLISHED,
+    SUBSCRIBER_ERRORS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +49,79 @@ class BusClosed(FluxError):
     """The bus is stopping or stopped and takes no more events."""
 
     status_code = 503
+
+
+class _Health:
+    """The bus's degraded reasons, ``bus_backlog`` and ``dropping``, and their gauges.
+
+    Called on transitions only: a subscriber crossing its high- or low-water mark, and a
+    drop (already the slow path). ``dropping`` clears by a timer ``window_s`` after the last
+    drop, so a steady stream of drops costs one timer per window, not work per event.
+    """
+
+    def __init__(self, *, window_s: float) -> None:
+        self.window_s = window_s
+        self.backlogged: dict[str, _Subscription] = {}
+        self.drops: dict[str, int] = {}  # subscriber -> drops since ``dropping`` was set
+        self.last_drop = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._backlog_gauge = DEGRADED.labels(reason="bus_backlog")
+        self._dropping_gauge = DEGRADED.labels(reason="dropping")
+
+    def set_backlog(self, subscription: _Subscription, backlogged: bool) -> None:
+        name, depth = subscription.name, len(subscription.queue)
+        if backlogged:
+            if not self.backlogged:
+                self._backlog_gauge.set(1)
+            self.backlogged[name] = subscription
+            log.warning(
+                "subscriber %s is backing up: %d of %d queued", name, depth, subscription.capacity
+            )
+        elif self.backlogged.pop(name, None) is not None:
+            if not self.backlogged:
+                self._backlog_gauge.set(0)
+            log.info("subscriber %s caught up: %d of %d queued", name, depth, subscription.capacity)
+
+    def dropped(self, name: str) -> None:
+        self.last_drop = time.monotonic()
+        self.drops[name] = self.drops.get(name, 0) + 1
+        if self._timer is None:
+            self._dropping_gauge.set(1)
+            log.warning("subscriber %s is dropping events (overflow policy)", name)
+            self._timer = asyncio.get_running_loop().call_later(self.window_s, self._expire)
+
+    def _expire(self) -> None:
+        remaining = self.last_drop + self.window_s - time.monotonic()
+        if remaining > 0:
+            self._timer = asyncio.get_running_loop().call_later(remaining, self._expire)
+            return
+        self._timer = None
+        log.info("no drops for %.0fs; dropped since it began: %s", self.window_s, self.drops)
+        self.drops = {}
+        self._dropping_gauge.set(0)
+
+    def reasons(self) -> dict[str, str]:
+        reasons: dict[str, str] = {}
+        if self.backlogged:
+            reasons["bus_backlog"] = ", ".join(
+                f"{name} ({len(sub.queue)} of {sub.capacity} queued)"
+                for name, sub in sorted(self.backlogged.items())
+            )
+        if self._timer is not None:
+            reasons["dropping"] = ", ".join(
+                f"{name} ({count} dropped)" for name, count in sorted(self.drops.items())
+            )
+        return reasons
+
+    def reset(self) -> None:
+        """Clear both reasons (the bus starts or stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.backlogged.clear()
+        self.drops = {}
+        self._backlog_gauge.set(0)
+        self._dropping_gauge.set(0)
 
 
 class _Subscription:
@@ -47,6 +137,9 @@ class _Subscription:
         max_batch: int,
         max_wait_s: float,
         accepts: EventFilter | None,
+        health: _Health,
+        high_water: float,
+        low_water: float,
     ) -> None:
         self.name = name
         self.handler = handler
@@ -62,20 +155,44 @@ class _Subscription:
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
         self.depth_gauge = EVENTBUS_DEPTH.labels(subscriber=name)
+        self.dropped: Counter | None = None  # created on the first drop
+        self.health = health
+        # Backing up: more than ``high_mark`` queued; caught up: fewer than ``low_mark``.
+        self.high_mark = min(capacity - 1, math.floor(capacity * high_water))
+        self.low_mark = max(1, math.ceil(capacity * low_water))
+        self.backlogged = False
+        # The fast path's limit: the high-water mark until the backlog is reported, then
+        # the capacity, so the fast path costs the same in both states.
+        self.room = self.high_mark
+
+    def has_room(self) -> bool:
+        """True when ``append`` may queue an event now (below the fast-path limit, no waiters)."""
+        return len(self.queue) < self.room and not self.blocked
+
+    def append(self, event: Event) -> None:
+        """Queue ``event``; only after ``has_room`` said so."""
+        self.queue.append(event)
+        self.wakeup.set()
 
     async def offer(self, event: Event) -> None:
         """Queue ``event`` according to the overflow policy; wait when it must block."""
+        if len(self.queue) < self.room and not self.blocked:
+            self.queue.append(event)
+            self.wakeup.set()
+            return
+        if not self.backlogged:
+            self.set_backlogged(True)
         if len(self.queue) < self.capacity and not self.blocked:
             self.queue.append(event)
             self.wakeup.set()
             return
         if self.overflow != "block" and not event.needs_ack:
             if self.overflow == "drop_newest":
-                EVENTBUS_DROPPED.labels(subscriber=self.name, reason="drop_newest").inc()
+                self._drop()
                 return
             if self.queue:
                 self.queue.popleft()
-                EVENTBUS_DROPPED.labels(subscriber=self.name, reason="drop_oldest").inc()
+                self._drop()
                 self.queue.append(event)
                 self.wakeup.set()
                 return
@@ -88,6 +205,19 @@ class _Subscription:
                 with contextlib.suppress(ValueError):
                     self.blocked.remove((event, waiter))
             raise
+
+    def set_backlogged(self, backlogged: bool) -> None:
+        """Report crossing the high-water mark (True) or falling below the low one."""
+        self.backlogged = backlogged
+        self.room = self.capacity if backlogged else self.high_mark
+        self.health.set_backlog(self, backlogged)
+
+    def _drop(self) -> None:
+        """Count one event dropped by the overflow policy and report ``dropping``."""
+        if self.dropped is None:
+            self.dropped = EVENTBUS_DROPPED.labels(subscriber=self.name, reason=self.overflow)
+        self.dropped.inc()
+        self.health.dropped(self.name)
 
     def _admit_blocked(self) -> None:
         """Move blocked publishers' events into the queue, oldest first, while there is room."""
@@ -127,6 +257,8 @@ class _Subscription:
                         await asyncio.wait_for(self.wakeup.wait(), remaining)
             batch = self.take_batch()
             self.depth_gauge.set(len(self.queue))
+            if self.backlogged and len(self.queue) < self.low_mark:
+                self.set_backlogged(False)
             try:
                 await self.handler(batch)
             except asyncio.CancelledError:
@@ -139,10 +271,26 @@ class _Subscription:
 class EventBus:
     """Publish/subscribe inside the process with bounded, ordered, batched delivery."""
 
-    def __init__(self, *, capacity: int, overflow: OverflowPolicy = "block") -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        overflow: OverflowPolicy = "block",
+        high_water: float = 0.8,
+        low_water: float = 0.5,
+        dropping_window_s: float = 30.0,
+    ) -> None:
+        if not 0 < low_water <= high_water <= 1:
+            raise ValueError("need 0 < low_water <= high_water <= 1")
         self._capacity = capacity
         self._overflow = overflow
+        self._high_water = high_water
+        self._low_water = low_water
+        self._health = _Health(window_s=dropping_window_s)
         self._subscriptions: list[_Subscription] = []
+        # Held by a publisher that had to wait for a full queue; later publishers queue on it.
+        self._ordered = asyncio.Lock()
+        self._slow_publishers = 0  # publishers holding or waiting for ``_ordered``
         # Resolved once: looking a labelled child up costs more than the increment itself.
         self._published = {
             source: EVENTS_PUBLISHED.labels(source=source) for source in ("mqtt", "http", "derived")
@@ -179,6 +327,9 @@ class EventBus:
             max_batch=max_batch,
             max_wait_s=max_wait_s,
             accepts=accepts,
+            health=self._health,
+            high_water=self._high_water,
+            low_water=self._low_water,
         )
         self._subscriptions.append(subscription)
         if self._running:
@@ -187,6 +338,8 @@ class EventBus:
         def unsubscribe() -> None:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
+                if subscription.backlogged:
+                    subscription.set_backlogged(False)
                 if subscription.task is not None:
                     subscription.task.cancel()
 
@@ -201,11 +354,31 @@ class EventBus:
         if self._closed:
             raise BusClosed("the event bus is closed")
         self._published[event.source].inc()
-        for subscription in self._subscriptions:
-            if to is not None and subscription.name != to:
-                continue
-            if subscription.accepts is None or subscription.accepts(event):
-                await subscription.offer(event)
+        if to is not None:
+            for subscription in self._subscriptions:
+                if subscription.name == to and (
+                    subscription.accepts is None or subscription.accepts(event)
+                ):
+                    await subscription.offer(event)
+            return
+        targets = [
+            sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)
+        ]
+        if not self._slow_publishers and all(sub.has_room() for sub in targets):
+            for subscription in targets:
+                subscription.append(event)
+            return
+        # Some queue is full, or an earlier event is still on this path: publish under the
+        # lock (FIFO), so no later event overtakes this one at a subscriber after the one it
+        # waits for (a full queue admits events in order, but the publisher only moves on to
+        # the next subscriber when its task next runs).
+        self._slow_publishers += 1
+        try:
+            async with self._ordered:
+                for subscription in targets:
+                    await subscription.offer(event)
+        finally:
+            self._slow_publishers -= 1
 
     def accepted_by(self, name: str, event: Event) -> bool:
         """Return whether subscriber ``name`` exists and would receive ``event``."""
@@ -222,6 +395,14 @@ class EventBus:
     def depth(self) -> dict[str, int]:
         """Return the number of events waiting per subscriber (queued plus blocked)."""
         return {sub.name: sub.pending() for sub in self._subscriptions}
+
+    def waiting_publishers(self) -> int:
+        """Return how many publishers wait because some queue is full."""
+        return self._slow_publishers
+
+    def degraded(self) -> dict[str, str]:
+        """Return the bus's degraded reasons (``bus_backlog``, ``dropping``) with details."""
+        return self._health.reasons()
 
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
@@ -251,6 +432,7 @@ class EventBus:
         if self._running:
             raise RuntimeError("the event bus is already running")
         self._running = True
+        self._health.reset()
         for subscription in self._subscriptions:
             subscription.task = asyncio.create_task(
                 subscription.run(), name=f"bus:{subscription.name}"
@@ -270,6 +452,9 @@ class EventBus:
                 if not waiter.done():
                     waiter.set_exception(BusClosed("the event bus stopped"))
             subscription.blocked.clear()
+            if subscription.backlogged:
+                subscription.set_backlogged(False)
+        self._health.reset()
 
 
 __all__ = ["BatchHandler", "BusClosed", "EventBus"]

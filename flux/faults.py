@@ -2,8 +2,11 @@
 
 ``FLUX_FAULT=after_commit:3`` kills the process with SIGKILL the 3rd time the code passes
 ``hit("after_commit")`` (``after_commit`` alone means the 1st time; several points may be
-armed, comma-separated). The variable is read once, at import: when it is unset ``hit`` is a
-function that returns at once, so the hooks cost nothing in production.
+armed, comma-separated). ``FLUX_FAULT=db_io_error:5`` instead makes the first 5 passes of
+``hit("db_io_error")`` raise the ``OperationalError("disk I/O error")`` SQLAlchemy raises for
+a failing disk, inside the write transaction: an outage of 5 refused commits. The variable
+is read once, at import: when it is unset ``hit`` is a function that returns at once, so the
+hooks cost nothing in production. In-process tests may ``arm`` and ``disarm`` points.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import signal
 
 #: Points the store writer passes: inside the transaction after the inserts, right after
 #: the commit (before any acknowledgement), and after each acknowledgement of a batch.
-POINTS = ("before_commit", "after_commit", "mid_ack")
+KILL_POINTS = ("before_commit", "after_commit", "mid_ack")
+#: Points that raise a database error instead: inside the events' write transaction.
+ERROR_POINTS = ("db_io_error",)
+POINTS = KILL_POINTS + ERROR_POINTS
 
 
 def _parse(spec: str) -> dict[str, int]:
-    """Map each armed point to the pass that fires it; ignore blanks, reject nonsense."""
+    """Map each armed point to its pass count; ignore blanks, reject nonsense."""
     armed: dict[str, int] = {}
     for item in spec.split(","):
         item = item.strip()
@@ -42,16 +48,42 @@ def _off(point: str) -> None:
 
 
 def _armed(point: str) -> None:
-    """Count a pass through ``point``; on the armed pass, die as a power cut would."""
+    """Count a pass through ``point``; kill the process or raise as it is armed to."""
     target = _ARMED.get(point)
     if target is None:
         return
     _passes[point] += 1
-    if _passes[point] == target:
+    if point in ERROR_POINTS:
+        if _passes[point] <= target:
+            _raise_io_error()
+    elif _passes[point] == target:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-hit = _armed if _ARMED else _off
-"""``hit(point)``: pass the fault point ``point`` (kills the process when it is armed)."""
+def _raise_io_error() -> None:
+    import sqlite3
 
-__all__ = ["POINTS", "hit"]
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("COMMIT", None, sqlite3.OperationalError("disk I/O error"))
+
+
+def arm(spec: str) -> None:
+    """Arm points as ``FLUX_FAULT`` would (``""`` disarms all), with fresh pass counts."""
+    global hit
+    _ARMED.clear()
+    _ARMED.update(_parse(spec))
+    _passes.clear()
+    _passes.update(dict.fromkeys(_ARMED, 0))
+    hit = _armed if _ARMED else _off
+
+
+def disarm() -> None:
+    """Disarm every point."""
+    arm("")
+
+
+hit = _armed if _ARMED else _off
+"""``hit(point)``: pass the fault point ``point`` (kills or raises when it is armed)."""
+
+__all__ = ["ERROR_POINTS", "KILL_POINTS", "POINTS", "arm", "disarm", "hit"]

@@ -112,10 +112,16 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @api.get("/ready", tags=["operations"], responses={503: {"description": "not ready"}})
     async def ready() -> JSONResponse:
-        """Readiness: intake open, database writable, MQTT connected."""
+        """Readiness: intake open, database writable, MQTT connected; plus what is degraded.
+
+        503 while a check fails; ``degraded`` lists every current reason (also those that
+        only report, such as ``bus_backlog``) and ``reasons`` says more about each.
+        """
         checks = gateway.readiness()
+        reasons = gateway.degraded()
         ok = all(checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        body = {"ready": ok, "checks": checks, "degraded": sorted(reasons), "reasons": reasons}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @api.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -57,7 +58,7 @@ async def alerts(
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
-    """One-call overview for the dashboard: readiness, bus depth, rules and plugin pools."""
+    """One-call overview: readiness, degraded reasons, asyncio tasks, bus, rules, plugins."""
     gateway = request.app.state.gateway
     rules = gateway.rules.rules() if gateway.rules is not None else []
     by_status: dict[str, int] = {}
@@ -66,6 +67,8 @@ async def status(request: Request) -> dict[str, Any]:
     pools = gateway.plugins.all_stats() if gateway.plugins is not None else {}
     return {
         "ready": gateway.readiness(),
+        "degraded": gateway.degraded(),
+        "tasks": len(asyncio.all_tasks()),
         "bus_depth": gateway.bus.depth(),
         "bus_capacity": gateway.bus.capacity,
         "mqtt_pending": gateway.mqtt.pending if gateway.mqtt is not None else 0,

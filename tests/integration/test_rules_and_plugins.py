@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 from pathlib import Path
@@ -17,7 +18,8 @@ from sqlalchemy import select
 from flux.app import Gateway
 from flux.store.schema import alerts, dead_letters, devices, events
 from tests.conftest import make_settings
-from tests.support import device, unique, wait_until
+from tests.hook_server import HookServer
+from tests.support import PrivateMosquitto, device, mosquitto_available, unique, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -272,3 +274,110 @@ async def test_plugins_api_lists_pools_and_restarts(shipped: Any, start_gateway:
         assert (await api.get("/plugins/nope")).status_code == 404
         reloaded = (await api.post("/plugins/reload")).json()
         assert reloaded["errors"] == {}
+
+
+async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_calls_a_webhook(
+    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    """The rule author's path: a new TOML file, POST /rules/reload, a matching message."""
+    dev = unique("dev")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    hook = HookServer()
+    await hook.start()
+    listener = Listener(broker, f"alerts/{dev}/#")
+    settings = make_settings(tmp_path, broker, device_ids=[dev], webhooks={"base_delay_s": 0.05})
+    try:
+        async with (
+            start_gateway(settings) as gateway,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+            ) as api,
+        ):
+            (rules_dir / "freezer.toml").write_text(
+                "[[rules]]\n"
+                'id = "freezer-warm"\n'
+                'topic = "devices/+/telemetry"\n'
+                'when = "temperature > -10"\n'
+                "actions = [\n"
+                '  { type = "alert", severity = "critical" },\n'
+                '  { type = "publish", topic = "alerts/{device_id}/{rule_id}", qos = 1 },\n'
+                f'  {{ type = "webhook", url = "{hook.url}" }},\n'
+                "]\n"
+            )
+            reload = (await api.post("/rules/reload")).json()
+            assert reload["result"] == "ok" and reload["active"] == 1, reload
+            with device(*broker) as sim:
+                sim.publish_all([(f"devices/{dev}/telemetry", b'{"temperature": -4.5}')])
+
+            async def alerted() -> bool:
+                return bool(await _rows(gateway, select(alerts)))
+
+            await wait_until(alerted, what="alert row")
+            await wait_until(lambda: len(listener.messages) == 1, what="republished message")
+            await wait_until(lambda: len(hook.received) == 1, what="webhook call")
+            call = orjson.loads(hook.received[0].body)
+            assert call["rule_id"] == "freezer-warm"
+            assert call["device_id"] == dev and call["payload"] == {"temperature": -4.5}
+            assert listener.messages[0][0] == f"alerts/{dev}/freezer-warm"
+    finally:
+        listener.close()
+        await hook.stop()
+
+
+async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    if not mosquitto_available():
+        pytest.skip("needs mosquitto on PATH for a broker that queues more than 1000 messages")
+    # A private broker: the shared one keeps Mosquitto's default max_queued_messages (1000)
+    # and drops QoS 1 messages beyond it while the gateway is busy reloading.
+    private = PrivateMosquitto()
+    private.start()
+    broker = ("127.0.0.1", private.port)
+    dev = unique("dev")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "all.toml").write_text(
+        '[[rules]]\nid = "every"\ntopic = "devices/+/telemetry"\nwhen = "seq >= 0"\n'
+        'actions = [{ type = "alert", severity = "info" }]\n'
+    )
+    settings = make_settings(tmp_path, broker, device_ids=[dev], database={"batch_size": 50})
+    total = 1500
+    try:
+        async with (
+            start_gateway(settings) as gateway,
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=60
+            ) as api,
+        ):
+            assert gateway.actions is not None
+            runtimes_before = gateway.bus.subscriber_count(), gateway.actions.handler_count
+            messages: list[tuple[str, bytes | str]] = [
+                (f"devices/{dev}/telemetry", orjson.dumps({"seq": i})) for i in range(total)
+            ]
+            publishing = asyncio.create_task(asyncio.to_thread(_publish_all, broker, messages))
+            versions = set()
+            while not publishing.done():
+                report = (await api.post("/rules/reload")).json()
+                assert report["result"] == "ok"
+                versions.add(report["version"])
+            await publishing
+
+            async def all_alerted() -> bool:
+                return len(await _rows(gateway, select(alerts))) >= total
+
+            await wait_until(all_alerted, timeout=60, what="an alert per event")
+            rows = await _rows(gateway, select(alerts.c.event_id))
+            assert len(rows) == total, "each event evaluated exactly once across reloads"
+            assert len({row["event_id"] for row in rows}) == total
+            assert len(versions) > 1, "reloads happened while events flowed"
+            after = gateway.bus.subscriber_count(), gateway.actions.handler_count
+            assert after == runtimes_before
+    finally:
+        private.cleanup()
+
+
+def _publish_all(broker: tuple[str, int], messages: list[tuple[str, bytes | str]]) -> None:
+    with device(*broker) as sim:
+        sim.publish_all(messages)

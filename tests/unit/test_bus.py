@@ -6,7 +6,7 @@ import pytest
 
 from flux.bus import BusClosed, EventBus
 from flux.events import Event, make_event
-from flux.metrics import EVENTBUS_DROPPED, SUBSCRIBER_ERRORS
+from flux.metrics import DEGRADED, EVENTBUS_DROPPED, SUBSCRIBER_ERRORS
 from tests.support import wait_until
 
 
@@ -20,6 +20,10 @@ def _event(n: int, *, acked: bool = False) -> Event:
 
 def _dropped(name: str, reason: str) -> float:
     return EVENTBUS_DROPPED.labels(subscriber=name, reason=reason)._value.get()
+
+
+def _degraded(reason: str) -> float:
+    return DEGRADED.labels(reason=reason)._value.get()
 
 
 async def test_every_subscriber_sees_every_event_in_order_in_batches() -> None:
@@ -57,7 +61,9 @@ async def test_block_policy_applies_back_pressure_and_keeps_order() -> None:
     async with bus:
         publishers = [asyncio.create_task(bus.publish(_event(n))) for n in range(20)]
         await wait_until(lambda: sum(p.done() for p in publishers) == 6, what="queue full")
-        assert bus.depth()["slow"] == 18  # 4 queued + 14 blocked; 2 in the handler
+        # 2 in the handler, 4 queued, 1 blocked at the queue, 13 waiting their turn behind it.
+        assert bus.depth()["slow"] == 5
+        assert bus.waiting_publishers() == 14
         assert not all(p.done() for p in publishers)
         release.set()
         await asyncio.gather(*publishers)
@@ -148,3 +154,110 @@ async def test_unsubscribe_and_close() -> None:
     with pytest.raises(ValueError, match="already exists"):
         bus.subscribe("x", handler)
         bus.subscribe("x", handler)
+
+
+async def test_backlog_is_reported_above_the_high_water_mark_and_cleared_below_the_low() -> None:
+    bus = EventBus(capacity=10)  # high water 80%: more than 8 queued; low water: below 5
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    async def slow(batch: list[Event]) -> None:
+        await release.wait()
+        release.clear()
+        handled.extend(e.payload["n"] for e in batch)
+
+    bus.subscribe("slow", slow, max_batch=2)
+    async with bus:
+        await bus.publish(_event(0))
+        await wait_until(lambda: bus.depth()["slow"] == 0, what="first event in the handler")
+        for n in range(1, 9):
+            await bus.publish(_event(n))
+        assert bus.depth()["slow"] == 8  # at the mark, not above it
+        assert bus.degraded() == {}
+        assert _degraded("bus_backlog") == 0
+        await bus.publish(_event(9))
+        assert "bus_backlog" in bus.degraded()
+        assert bus.degraded()["bus_backlog"] == "slow (9 of 10 queued)"
+        assert _degraded("bus_backlog") == 1
+        # 9 -> 7 -> 5 queued: still above the low-water mark, still backing up.
+        for handled_count in (1, 3):
+            release.set()
+            await wait_until(lambda n=handled_count: len(handled) == n, what="a batch handled")
+            assert "bus_backlog" in bus.degraded()
+        release.set()  # 5 -> 3 queued: below half, caught up
+        await wait_until(lambda: len(handled) == 5, what="a batch handled")
+        await wait_until(lambda: bus.depth()["slow"] == 3, what="the next batch taken")
+        assert bus.degraded() == {}
+        assert _degraded("bus_backlog") == 0
+        while len(handled) < 10:
+            release.set()
+            await asyncio.sleep(0)
+        assert await bus.drain(10)
+    assert handled == list(range(10))
+
+
+async def test_a_blocked_subscriber_reports_backlog_until_the_bus_stops() -> None:
+    bus = EventBus(capacity=4)
+    stuck = asyncio.Event()
+
+    async def handler(batch: list[Event]) -> None:
+        await stuck.wait()
+
+    bus.subscribe("stuck", handler, max_batch=1)
+    async with bus:
+        publishers = [asyncio.create_task(bus.publish(_event(n))) for n in range(8)]
+        await wait_until(lambda: "bus_backlog" in bus.degraded(), what="backlog reported")
+        assert _degraded("bus_backlog") == 1
+        for publisher in publishers:
+            publisher.cancel()
+        await asyncio.gather(*publishers, return_exceptions=True)
+    assert bus.degraded() == {}
+    assert _degraded("bus_backlog") == 0
+
+
+async def test_dropping_is_reported_while_drops_happen_and_clears_after_the_window() -> None:
+    bus = EventBus(capacity=2, overflow="drop_newest", dropping_window_s=0.2)
+    release = asyncio.Event()
+
+    async def slow(batch: list[Event]) -> None:
+        await release.wait()
+
+    bus.subscribe("dropper", slow, max_batch=1)
+    before = _dropped("dropper", "drop_newest")
+    async with bus:
+        await bus.publish(_event(0))
+        await wait_until(lambda: bus.depth()["dropper"] == 0, what="first event in the handler")
+        for n in range(1, 6):
+            await bus.publish(_event(n))
+        assert _dropped("dropper", "drop_newest") - before == 3
+        reasons = bus.degraded()
+        assert reasons.get("dropping") == "dropper (3 dropped)", reasons
+        assert _degraded("dropping") == 1
+        release.set()
+        # No more drops: the reason clears once the window has passed since the last one.
+        await wait_until(lambda: "dropping" not in bus.degraded(), timeout=5, what="cleared")
+        assert _degraded("dropping") == 0
+        assert await bus.drain(10)
+
+
+async def test_below_the_high_water_mark_nothing_is_reported() -> None:
+    bus = EventBus(capacity=100, overflow="drop_oldest")
+    seen: list[int] = []
+
+    async def handler(batch: list[Event]) -> None:
+        seen.extend(e.payload["n"] for e in batch)
+
+    bus.subscribe("fast", handler)
+    async with bus:
+        for n in range(1000):
+            await bus.publish(_event(n))
+            if n % 50 == 0:
+                await asyncio.sleep(0)  # let the subscriber keep up
+        assert await bus.drain(10)
+        assert bus.degraded() == {}
+    assert seen == list(range(1000))
+
+
+def test_water_marks_must_be_ordered() -> None:
+    with pytest.raises(ValueError, match="low_water"):
+        EventBus(capacity=10, high_water=0.5, low_water=0.8)
