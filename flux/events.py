@@ -7,6 +7,7 @@ by the store, after the batch holding it is committed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import threading
@@ -65,6 +66,23 @@ class Event:
     def received_datetime(self) -> datetime:
         """Return ``received_at`` as an aware UTC datetime."""
         return datetime.fromtimestamp(self.received_at, UTC)
+
+
+class FutureAck:
+    """An acknowledgement hook that resolves ``future`` once (a sender awaits it).
+
+    The store may call it after the sender gave up waiting; a resolved or cancelled
+    future is left alone.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def __call__(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 @dataclass(slots=True, eq=False)
@@ -227,6 +245,7 @@ __all__ = [
     "MAX_TOPIC_LENGTH",
     "DeadLetter",
     "Event",
+    "FutureAck",
     "decode_payload",
     "derive_event",
     "device_id_for",

@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import PrivateMosquitto, free_port, wait_port  # noqa: E402
+from tests.support import PrivateMosquitto, free_port, telemetry, wait_port  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -221,15 +221,7 @@ def _publisher(port: int, device: str, count: int, qos: int, barrier: Any) -> No
     topic = f"devices/{device}/telemetry"
     infos = []
     for seq in range(count):
-        payload = orjson.dumps(
-            {
-                "seq": seq,
-                "temperature": 20 + seq % 15,
-                "humidity": 40 + seq % 30,
-                "battery": 3.7,
-                "ts": time.time(),
-            }
-        )
+        payload = telemetry(seq)
         infos.append(client.publish(topic, payload, qos=qos))
     for info in infos:
         info.wait_for_publish(120)

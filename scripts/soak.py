@@ -31,7 +31,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import Bench, _cpu_model, _versions  # noqa: E402
 
-from tests.support import PrivateMosquitto, wait_port  # noqa: E402
+from tests.support import PrivateMosquitto, telemetry, wait_port  # noqa: E402
 
 #: Series that must stay flat in a healthy soak (second-half slope per minute, threshold).
 #: Tasks are judged idle before the load against idle after it (see ``main``).
@@ -84,15 +83,7 @@ class Load:
                 self._stop.wait(delay)  # pacing the stream
                 continue
             device = seq % len(self.clients)
-            payload = orjson.dumps(
-                {
-                    "seq": seq,
-                    "temperature": 20 + seq % 15,
-                    "humidity": 40 + seq % 30,
-                    "battery": 3.7,
-                    "ts": time.time(),
-                }
-            )
+            payload = telemetry(seq)
             self.clients[device].publish(f"devices/soak-{device}/telemetry", payload, qos=1)
             seq += 1
             self.sent = seq

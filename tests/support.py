@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -92,6 +94,31 @@ class PrivateMosquitto:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def sqlite_write_lock(path: Path) -> Iterator[None]:
+    """Hold the database's write lock from another connection, as an external writer would."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def telemetry(seq: int) -> bytes:
+    """A device's sample reading with a sequence number and the time it was sent."""
+    return orjson.dumps(
+        {
+            "seq": seq,
+            "temperature": 20 + seq % 15,
+            "humidity": 40 + seq % 30,
+            "battery": 3.7,
+            "ts": time.time(),
+        }
+    )
 
 
 def mosquitto_available() -> bool:

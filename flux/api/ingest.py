@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from flux.errors import InvalidEvent, NotReady, StoreUnavailable
-from flux.events import DeadLetter, Event, make_event
+from flux.events import DeadLetter, Event, FutureAck, make_event
 
 
 class _StrictJsonRoute(APIRoute):
@@ -61,17 +61,6 @@ class StoredEvents(BaseModel):
     ids: list[str]
 
 
-class _Done:
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
-
-    def __call__(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-
 def _to_event(item: EventIn, *, max_bytes: int, index: int | None = None) -> Event:
     where = f"events[{index}]: " if index is not None else ""
     try:
@@ -95,7 +84,7 @@ async def _store(request: Request, batch: list[Event]) -> None:
     futures = []
     for event in batch:
         future: asyncio.Future[None] = loop.create_future()
-        event.ack = _Done(future)
+        event.ack = FutureAck(future)
         futures.append(future)
     timeout = gateway.settings.server.request_timeout_s
     try:

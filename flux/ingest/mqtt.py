@@ -28,7 +28,7 @@ from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
 
 from flux.config import MqttConfig
 from flux.errors import FluxError
-from flux.events import DeadLetter, Event, make_event
+from flux.events import DeadLetter, Event, FutureAck, make_event
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,6 @@ def _hops_from(properties: dict[str, Any]) -> int:
             except (TypeError, ValueError):
                 return 0
     return 0
-
-
-class _AckSignal:
-    """Resolve a future once; the store calls it after commit (possibly after shutdown)."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
-
-    def __call__(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
 
 
 class MqttIngest:
@@ -280,7 +267,7 @@ class MqttIngest:
         done: asyncio.Future[None] | None = None
         if qos > 0:
             done = asyncio.get_running_loop().create_future()
-            item.ack = _AckSignal(done)
+            item.ack = FutureAck(done)
         self._pending += 1
         self._idle.clear()
         if self._pending > self._max_pending:

@@ -11,7 +11,6 @@ import os
 import pwd
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,7 @@ import time
 import tomllib
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,18 +364,6 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float | None:
 
 
 # -- databases the test can take away ---------------------------------------------------------
-
-
-@contextmanager
-def sqlite_write_lock(path: Path) -> Iterator[None]:
-    """Hold the database's write lock from another connection, as an external writer would."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
 
 
 def _postgres_bin() -> Path | None:

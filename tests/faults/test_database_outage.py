@@ -39,11 +39,10 @@ from tests.faults._harness import (
     SeqDevice,
     clean_env,
     metric_value,
-    sqlite_write_lock,
     wait_subscribed,
     write_config,
 )
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.support import PrivateMosquitto, sqlite_write_lock, unique, wait_until
 
 BATCH = 50
 CAPACITY = 64

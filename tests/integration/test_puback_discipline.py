@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flux.metrics import DB_WRITE_ERRORS, MQTT_STALE_ACKS
 from tests.conftest import make_settings
 from tests.fake_broker import FakeBroker, Session
-from tests.support import unique, wait_until
-
-
-@contextmanager
-def sqlite_write_lock(path: Path) -> Iterator[None]:
-    """Hold the database's write lock from another connection, as an external writer would."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
+from tests.support import sqlite_write_lock, unique, wait_until
 
 
 def _stored(path: Path, seq: int) -> bool:
