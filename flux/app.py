@@ -1,7 +1,8 @@
 """Wire the stages together and own start-up and staged shutdown.
 
-Start: migrate, open the database, start the bus and its store subscriber, make sure a
-broker answers (starting the embedded one if allowed), connect MQTT, serve HTTP.
+Start: migrate, open the database, subscribe the store, load plugins and rules and
+subscribe the pipeline that runs them (with the webhook outbox), start the bus, make sure
+a broker answers (starting the embedded one if allowed), connect MQTT, serve HTTP.
 Stop, each stage with its own timeout: stop intake (MQTT and HTTP), drain the bus so every
 queued event is committed and acknowledged, let the last PUBACKs go out, then close the
 MQTT connection, the bus, the store and the HTTP server.
@@ -47,7 +48,7 @@ from flux.webhooks import WebhookOutbox
 log = logging.getLogger(__name__)
 
 #: How long a partial pipeline batch waits to fill: one Lua call per batch amortizes the
-#: crossing and the hook set-up (measured below in the README benchmark section).
+#: crossing and the hook set-up (README, Benchmarks: 10 rules, cpu 8.5 s -> 6.8-7.6 s).
 PIPELINE_WAIT_S = 0.005
 
 
