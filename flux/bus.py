@@ -380,13 +380,6 @@ class EventBus:
         finally:
             self._slow_publishers -= 1
 
-    def accepted_by(self, name: str, event: Event) -> bool:
-        """Return whether subscriber ``name`` exists and would receive ``event``."""
-        for subscription in self._subscriptions:
-            if subscription.name == name:
-                return subscription.accepts is None or subscription.accepts(event)
-        return False
-
     async def publish_many(self, events: Iterable[Event]) -> None:
         """Publish several events in order."""
         for event in events:

@@ -130,10 +130,8 @@ async def _set_enabled(request: Request, rule_id: str, enabled: bool) -> dict[st
         raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
     if rule.enabled != enabled:
         await sources.save(rule.model_copy(update={"enabled": enabled}))
-    elif enabled:
-        await engine.unquarantine(rule_id)
     report = await gateway.reload_rules()
-    if enabled:
+    if enabled:  # enabling also lifts a quarantine
         await engine.unquarantine(rule_id)
     return {"rule": _status(engine, rule_id), "reload": report}
 

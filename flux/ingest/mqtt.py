@@ -209,13 +209,6 @@ class MqttIngest:
             await asyncio.sleep(0)
         return self._pending == 0
 
-    async def wait_connected(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     # -- gmqtt callbacks (on the event loop) ----------------------------------------------
 
     def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
