@@ -345,12 +345,34 @@ class EventBus:
 
         return unsubscribe
 
+    def try_publish(self, event: Event) -> bool:
+        """Deliver ``event`` now if every subscriber that takes it has room; else do nothing.
+
+        The synchronous fast path for ingest, which calls it per message without a task:
+        False means "use ``publish``", never that the event was dropped. It also refuses while
+        an earlier publisher waits for room, so a later event cannot overtake it.
+        """
+        if self._closed:
+            raise BusClosed("the event bus is closed")
+        if self._slow_publishers:
+            return False
+        targets = [sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)]
+        for subscription in targets:
+            if not subscription.has_room():
+                return False
+        self._published[event.source].inc()
+        for subscription in targets:
+            subscription.append(event)
+        return True
+
     async def publish(self, event: Event, *, to: str | None = None) -> None:
         """Offer ``event`` to every subscriber that accepts it, waiting where a queue blocks.
 
         ``to`` restricts delivery to one subscriber: a stage re-publishing what it derived
         uses it so an event never comes back to the stage that is waiting on it.
         """
+        if to is None and self.try_publish(event):
+            return
         if self._closed:
             raise BusClosed("the event bus is closed")
         self._published[event.source].inc()
@@ -361,13 +383,7 @@ class EventBus:
                 ):
                     await subscription.offer(event)
             return
-        targets = [
-            sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)
-        ]
-        if not self._slow_publishers and all(sub.has_room() for sub in targets):
-            for subscription in targets:
-                subscription.append(event)
-            return
+        targets = [sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)]
         # Some queue is full, or an earlier event is still on this path: publish under the
         # lock (FIFO), so no later event overtakes this one at a subscriber after the one it
         # waits for (a full queue admits events in order, but the publisher only moves on to

@@ -1,13 +1,14 @@
 """MQTT ingest over gmqtt: persistent session, acknowledgement only after commit.
 
-gmqtt runs ``on_message`` as a task per message and sends the PUBACK when that coroutine
-returns (``optimistic_acknowledgement=False``). Our coroutine publishes the event on the bus
-and, for QoS 1, waits until the store has committed it. The broker's Receive Maximum bounds
-how many unacknowledged messages are in flight; for QoS 0, which it does not bound, reading
-from the socket pauses while too many messages wait for the bus. The same pause guards
-QoS 1 against a broker that overruns Receive Maximum (Mosquitto 2.0.11 does when it
-replays a session's offline queue: 1,778 unacknowledged messages in flight were measured
-with a Receive Maximum of 10).
+Each PUBLISH is handled synchronously in gmqtt's read loop (no task per message): the event
+goes straight onto the bus when every queue has room, else a task waits for room (and later
+messages queue behind it, so order holds). A QoS 1 event carries an acknowledgement hook;
+the store calls it after commit, and the PUBACKs of one loop iteration leave in one socket
+write. The broker's Receive Maximum bounds how many unacknowledged messages are in flight;
+for QoS 0, which it does not bound, reading from the socket pauses while too many messages
+wait for the bus. The same pause guards QoS 1 against a broker that overruns Receive Maximum
+(Mosquitto 2.0.11 does when it replays a session's offline queue: 1,778 unacknowledged
+messages in flight were measured with a Receive Maximum of 10).
 
 A PUBACK for a message that arrived on a connection since lost is withheld: after a reconnect
 a packet id may name a different message, and the broker redelivers the old one anyway.
@@ -20,7 +21,9 @@ import contextlib
 import logging
 import random
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Self
 
 import gmqtt
@@ -28,17 +31,20 @@ from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
 
 from flux.config import MqttConfig
 from flux.errors import FluxError
-from flux.events import DeadLetter, Event, FutureAck, make_event
+from flux.events import DeadLetter, Event, make_event
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
 
 log = logging.getLogger(__name__)
 
-#: PUBACK reason code our handler returns to mean "do not acknowledge" (never sent).
-_WITHHOLD = 0x83
-_ACCEPTED = 0
 _RECONNECT_FIRST_DELAY_S = 0.2
 #: MQTT 5 user property carrying a derived message's hop count.
 HOPS_PROPERTY = "flux-hops"
+#: PUBACK (QoS 1) and PUBREC (QoS 2) with reason "success": valid in MQTT 3.1.1 and 5.
+_ACK_COMMAND = {1: MQTTCommands.PUBACK, 2: MQTTCommands.PUBREC}
+_ACK_PACKET = struct.Struct("!BBH")
+
+#: Called per PUBLISH: topic, payload, QoS, properties, packet id (None for QoS 0).
+Receiver = Callable[[str | bytes, bytes, int, dict[str, Any], int | None], None]
 
 
 class MqttConnectError(FluxError):
@@ -46,13 +52,60 @@ class MqttConnectError(FluxError):
 
 
 class _GatewayClient(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt client that never sends an error PUBACK: a withheld ack is simply not sent."""
+    """gmqtt client whose QoS 1/2 PUBLISHes go to ``receive`` with their packet id.
 
-    def _send_command_with_mid(self, cmd: int, mid: int, dup: bool, reason_code: int = 0) -> None:
-        if cmd == MQTTCommands.PUBACK and reason_code != _ACCEPTED:
-            MQTT_STALE_ACKS.inc()
-            return
-        super()._send_command_with_mid(cmd, mid, dup, reason_code=reason_code)
+    gmqtt's own path runs a task per message and sends the PUBACK when it ends; ours sends
+    it when the store has committed (see ``MqttIngest``). gmqtt parses packets in a separate
+    handler object, so the two per-QoS entry points are replaced on that instance.
+    """
+
+    def __init__(self, *args: Any, receive: Receiver, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handler = self._package_handler
+        state = self._connection_state
+        handle_packet = handler._handle_packet
+
+        def handle_packet_fast(cmd: int, packet: bytes) -> None:
+            # Most PUBLISHes carry no properties: parse those here (a third of gmqtt's cost
+            # per message); everything else, and anything odd, takes gmqtt's full path.
+            if cmd & 0xF0 != MQTTCommands.PUBLISH or not _publish_fast(
+                receive, cmd, packet, state.protocol_version >= MQTTv50
+            ):
+                handle_packet(cmd, packet)
+
+        def qos_1(mid: int, packet: bytes, topic: str | bytes, properties: Any) -> None:
+            receive(topic, packet, 1, properties, mid)
+
+        def qos_2(mid: int, packet: bytes, topic: str | bytes, properties: Any) -> None:
+            # Subscriptions are QoS <= 1, so a broker should never send QoS 2; if one does,
+            # it is stored like QoS 1 and answered with PUBREC after commit.
+            receive(topic, packet, 2, properties, mid)
+
+        handler._handle_packet = handle_packet_fast
+        handler._handle_qos_1_publish_packet = qos_1
+        handler._handle_qos_2_publish_packet = qos_2
+
+
+def _publish_fast(receive: Receiver, cmd: int, packet: bytes, v5: bool) -> bool:
+    """Hand a PUBLISH without properties to ``receive``; False leaves it to gmqtt."""
+    try:
+        end = 2 + ((packet[0] << 8) | packet[1])
+        if end == 2 or end > len(packet):
+            return False  # empty topic (an alias, which gmqtt resolves) or a broken packet
+        topic = packet[2:end].decode("utf-8")
+        qos = (cmd >> 1) & 3
+        mid = None
+        if qos:
+            mid = (packet[end] << 8) | packet[end + 1]
+            end += 2
+        if v5:
+            if packet[end]:
+                return False  # properties (user properties, aliases...): gmqtt parses them
+            end += 1
+    except (IndexError, UnicodeDecodeError):
+        return False
+    receive(topic, packet[end:], qos, {}, mid)
+    return True
 
 
 def _tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
@@ -84,6 +137,7 @@ class MqttIngest:
         *,
         config: MqttConfig,
         publish: Callable[[Event], Awaitable[None]],
+        try_publish: Callable[[Event], bool] | None = None,
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         receive_maximum: int,
         max_pending: int = 1024,
@@ -93,6 +147,7 @@ class MqttIngest:
     ) -> None:
         self._config = config
         self._publish = publish
+        self._try_publish = try_publish
         self._dead_letter = dead_letter
         self._receive_maximum = max(1, min(receive_maximum, 65535))
         self._max_pending = max(max_pending, self._receive_maximum)
@@ -112,6 +167,12 @@ class MqttIngest:
         self._client: _GatewayClient | None = None
         self._delay = _RECONNECT_FIRST_DELAY_S
         self._accepting = True
+        # Hand-overs waiting in a task for room on the bus; while any do, later messages
+        # queue behind them (through tasks too) so none overtakes an earlier one.
+        self._waiting_handovers = 0
+        # PUBACK/PUBREC packets due on the current connection, written once per loop turn.
+        self._acks: list[bytes] = []
+        self._acks_generation = 0
 
     @property
     def connected(self) -> bool:
@@ -137,10 +198,11 @@ class MqttIngest:
             optimistic_acknowledgement=False,
             session_expiry_interval=config.session_expiry_s,
             receive_maximum=self._receive_maximum,
+            receive=self._receive,
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_message = self._on_qos0_message
         if config.username:
             client.set_auth_credentials(config.username, config.password or None)
         client.reconnect_delay = self._delay
@@ -238,13 +300,24 @@ class MqttIngest:
         self._set_connected(False)
         self._room.set()
 
-    async def _on_message(
+    def _on_qos0_message(
         self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: Any
-    ) -> int:
-        generation = self._generation
+    ) -> None:
+        self._receive(topic, payload, qos, properties, None)
+
+    def _receive(
+        self,
+        topic: str | bytes,
+        payload: bytes,
+        qos: int,
+        properties: dict[str, Any],
+        mid: int | None,
+    ) -> None:
+        """Turn one PUBLISH into an event (or dead letter) and hand it over without a task
+        when the bus has room. A QoS > 0 message is acknowledged by the store, after commit."""
         if not self._accepting:
-            return _WITHHOLD
-        self._messages_by_qos[qos].inc()
+            return  # unacknowledged: the broker redelivers it to the next session
+        self._messages_by_qos[min(qos, 2)].inc()
         if isinstance(topic, bytes):
             topic = topic.decode("utf-8", "replace")
         item = make_event(
@@ -257,33 +330,78 @@ class MqttIngest:
         )
         if isinstance(item, Event) and properties:
             item.hops = _hops_from(properties)
-        done: asyncio.Future[None] | None = None
-        if qos > 0:
-            done = asyncio.get_running_loop().create_future()
-            item.ack = FutureAck(done)
+        if mid is not None:
+            item.ack = partial(self._acknowledge, self._generation, mid, _ACK_COMMAND[qos])
         self._pending += 1
         self._idle.clear()
         if self._pending > self._max_pending:
             self._room.clear()
+        if (
+            not self._waiting_handovers
+            and isinstance(item, Event)
+            and self._try_publish is not None
+        ):
+            try:
+                handed_over = self._try_publish(item)
+            except Exception:
+                log.exception("message on %s could not be handed over; redelivery follows", topic)
+                self._settle()
+                return
+            if handed_over:
+                if mid is None:
+                    self._settle()
+                return
+        self._waiting_handovers += 1
+        asyncio.get_running_loop().create_task(self._hand_over(item, acknowledged=mid is not None))
+
+    async def _hand_over(self, item: Event | DeadLetter, *, acknowledged: bool) -> None:
+        """Wait for room on the bus (or write a dead letter); the slow path of ``_receive``."""
         try:
             if isinstance(item, Event):
                 await self._publish(item)
             else:
                 await self._dead_letter(item)
-            if done is not None:
-                await done
         except Exception:
-            log.exception("message on %s could not be handed over; it will be redelivered", topic)
-            return _WITHHOLD
+            log.exception(
+                "message on %s could not be handed over; it will be redelivered", item.topic
+            )
+            self._settle()
+            return
         finally:
-            self._pending -= 1
-            if not self._pending:
-                self._idle.set()
-            if not self._room.is_set() and self._pending <= self._max_pending // 2:
-                self._room.set()
+            self._waiting_handovers -= 1
+        if not acknowledged:
+            self._settle()
+
+    def _acknowledge(self, generation: int, mid: int, command: int) -> None:
+        """The store committed the message: queue its PUBACK (withheld if the connection
+        it came on is gone) and flush the queue once this loop iteration is over."""
+        self._settle()
         if generation != self._generation:
-            return _WITHHOLD
-        return _ACCEPTED
+            MQTT_STALE_ACKS.inc()
+            return
+        if self._acks_generation != generation:
+            self._acks, self._acks_generation = [], generation
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._acks.append(_ACK_PACKET.pack(command, 2, mid))
+
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        protocol = getattr(getattr(self._client, "_connection", None), "_protocol", None)
+        if self._acks_generation != self._generation or protocol is None:
+            MQTT_STALE_ACKS.inc(len(acks))
+            return
+        protocol.write_data(b"".join(acks))
+
+    def _settle(self) -> None:
+        """One message fewer between arrival and acknowledgement (or hand-over, QoS 0)."""
+        self._pending -= 1
+        if not self._pending:
+            self._idle.set()
+        if not self._room.is_set() and self._pending <= self._max_pending // 2:
+            self._room.set()
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from flux.plugins.instance import PluginInstance, PluginOutput
 from flux.plugins.manifest import MANIFEST_NAME, PluginManifest, load_manifest
 from flux.plugins.pool import CallResult, InstancePool, PoolClosed, PoolStats
 from flux.plugins.runtime import ModuleCache, PluginRuntime, default_cache_dir
-from flux.topics import topic_matches
+from flux.topics import CACHE_SIZE, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ class PluginManager:
         self.max_workers = max_workers
         self.max_hops = max_hops
         self._plugins: dict[str, _Loaded] = {}
+        self._routes_for: dict[str, _Loaded] | None = None
+        self._routes: dict[str, tuple[tuple[str, ...], bool]] = {}
         self._errors: dict[str, PluginLoadError] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
@@ -199,13 +201,9 @@ class PluginManager:
         """Return each plugin's subscribed topic filters (empty: called only by rules)."""
         return {name: p.manifest.topics for name, p in self._plugins.items()}
 
-    def plugins_for(self, topic: str) -> list[str]:
+    def plugins_for(self, topic: str) -> tuple[str, ...]:
         """Return the plugins whose topic filters match ``topic``, in name order."""
-        return sorted(
-            name
-            for name, p in self._plugins.items()
-            if any(topic_matches(f, topic) for f in p.manifest.topics)
-        )
+        return self._route(topic)[0]
 
     def wants_raw(self, topic: str) -> bool:
         """Return whether a raw-input plugin subscribes to ``topic``.
@@ -213,10 +211,25 @@ class PluginManager:
         Ingest uses it to turn a non-JSON message on such a topic into an event
         (``payload={}``, ``raw`` as received) instead of a dead letter.
         """
-        return any(
-            p.manifest.input == "raw" and any(topic_matches(f, topic) for f in p.manifest.topics)
-            for p in self._plugins.values()
-        )
+        return self._route(topic)[1]
+
+    def _route(self, topic: str) -> tuple[tuple[str, ...], bool]:
+        """Plugins for ``topic`` and whether one takes raw input; cached per topic, since
+        every message asks. The cache belongs to one plugin table and goes with it."""
+        if self._routes_for is not self._plugins:
+            self._routes_for, self._routes = self._plugins, {}
+        route = self._routes.get(topic)
+        if route is None:
+            matching = [
+                (name, p.manifest.input == "raw")
+                for name, p in sorted(self._plugins.items())
+                if any(topic_matches(f, topic) for f in p.manifest.topics)
+            ]
+            route = (tuple(name for name, _ in matching), any(raw for _, raw in matching))
+            if len(self._routes) >= CACHE_SIZE:
+                self._routes.clear()
+            self._routes[topic] = route
+        return route
 
     def describe(self, name: str) -> dict[str, Any]:
         """Return a JSON-ready description of one plugin: manifest summary plus pool stats."""

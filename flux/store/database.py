@@ -25,7 +25,8 @@ WRITE_OPTION = "flux_write"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """Serialize a JSON column value (orjson: NaN refused, as on ingest)."""
     return orjson.dumps(value).decode()
 
 
@@ -45,7 +46,7 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
             config.url,
-            json_serializer=_json_dumps,
+            json_serializer=json_text,
             json_deserializer=orjson.loads,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
@@ -53,7 +54,7 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         return engine
     return create_async_engine(
         config.url,
-        json_serializer=_json_dumps,
+        json_serializer=json_text,
         json_deserializer=orjson.loads,
         pool_size=5,
         max_overflow=5,
@@ -87,4 +88,4 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
     return await connection.execution_options(**{WRITE_OPTION: True})
 
 
-__all__ = ["WRITE_OPTION", "create_engine", "sqlite_path", "writer_connection"]
+__all__ = ["WRITE_OPTION", "create_engine", "json_text", "sqlite_path", "writer_connection"]

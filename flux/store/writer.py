@@ -34,7 +34,7 @@ from flux.metrics import (
     DEAD_LETTERS,
     DEGRADED,
 )
-from flux.store.database import writer_connection
+from flux.store.database import json_text, writer_connection
 from flux.store.schema import alerts, dead_letters, devices, events
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,49 @@ _DEAD_LETTER_HIGH, _DEAD_LETTER_LOW = _DEAD_LETTER_QUEUE * 8 // 10, _DEAD_LETTER
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+#: The events insert on SQLite, sent straight to the driver (``executemany`` over tuples):
+#: SQLAlchemy's per-row parameter processing cost more than the insert itself.
+_SQLITE_INSERT_EVENTS = (
+    "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class _SqliteTime:
+    """Format timestamps as SQLAlchemy stores ``DateTime`` on SQLite (UTC, microseconds),
+    formatting the date and time part once per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, timestamp: float) -> str:
+        micros = round(timestamp * 1_000_000)
+        second, micro = divmod(micros, 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = _utc(second).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{self._prefix}.{micro:06d}"
+
+
+def _sqlite_event_rows(batch: Sequence[Event]) -> list[tuple[Any, ...]]:
+    sqlite_time = _SqliteTime()
+    return [
+        (
+            event.id,
+            event.device_id,
+            event.topic,
+            json_text(event.payload),
+            sqlite_time(event.received_at),
+            event.source,
+            event.hops,
+        )
+        for event in batch
+    ]
 
 
 def _event_row(event: Event) -> dict[str, Any]:
@@ -126,6 +169,7 @@ class StoreWriter:
         self._retry_max_delay_s = retry_max_delay_s
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._sqlite = dialect == "sqlite"
         self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
         self.available = True
@@ -166,7 +210,10 @@ class StoreWriter:
             faults.hit("mid_ack")
 
     async def _insert_events(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
-        await conn.execute(insert(events), [_event_row(event) for event in batch])
+        if self._sqlite:
+            await conn.exec_driver_sql(_SQLITE_INSERT_EVENTS, _sqlite_event_rows(batch))
+        else:
+            await conn.execute(insert(events), [_event_row(event) for event in batch])
         device_rows = _device_rows(batch)
         if device_rows:
             statement = self._insert(devices)

@@ -99,7 +99,7 @@ async def _outage(
         await take_down()
         down_at = time.monotonic()
         try:
-            received_at_outage = received._value.get()
+            received_at_outage = received.value
             publisher = asyncio.create_task(
                 asyncio.to_thread(sim.publish_seq, topic, range(BEFORE, BEFORE + DURING))
             )
@@ -114,7 +114,7 @@ async def _outage(
             def nothing_acknowledged() -> bool:
                 # Every message that arrived is still pending (a handler returns, i.e.
                 # PUBACKs, only after its commit).
-                arrived = received._value.get() - received_at_outage
+                arrived = received.value - received_at_outage
                 assert arrived > 0, "the stream should reach the gateway during the outage"
                 assert mqtt.pending == arrived, (
                     f"{arrived} messages arrived during the outage but only {mqtt.pending} "

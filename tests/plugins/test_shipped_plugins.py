@@ -32,8 +32,8 @@ def frame(
 async def test_all_shipped_plugins_load(shipped: PluginManager) -> None:
     assert shipped.names() == {"frame-decoder", "enrich", "batch-stats"}
     assert shipped.load_errors == {}
-    assert shipped.plugins_for("devices/abc/raw") == ["frame-decoder"]
-    assert shipped.plugins_for("devices/abc/telemetry") == ["batch-stats", "enrich"]
+    assert shipped.plugins_for("devices/abc/raw") == ("frame-decoder",)
+    assert shipped.plugins_for("devices/abc/telemetry") == ("batch-stats", "enrich")
     assert shipped.wants_raw("devices/abc/raw")
     assert not shipped.wants_raw("devices/abc/telemetry")
 
@@ -180,7 +180,7 @@ async def test_decoder_output_feeds_enrich(shipped: PluginManager) -> None:
     [telemetry] = await shipped.call(
         "frame-decoder", event("devices/s9/raw", payload={}, raw=frame(3300, 60, 3000, 0))
     )
-    assert shipped.plugins_for(telemetry.topic) == ["batch-stats", "enrich"]
+    assert shipped.plugins_for(telemetry.topic) == ("batch-stats", "enrich")
     [enriched] = await shipped.call("enrich", telemetry)
     assert enriched.hops == 2
     assert enriched.payload["temperature_f"] == 91.4
