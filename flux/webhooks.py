@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 
-import httpx
 from prometheus_client import Counter, Gauge
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -44,6 +43,8 @@ from flux.store.database import writer_connection
 from flux.store.schema import dead_letters, webhook_outbox
 
 if TYPE_CHECKING:
+    import httpx
+
     from flux.rules.engine import RuleMatch
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,7 @@ class WebhookOutbox:
     async def __aenter__(self) -> Self:
         if self._task is not None:
             raise RuntimeError("the webhook outbox is already running")
-        self._client = self._given_client or httpx.AsyncClient(
-            follow_redirects=False, headers={"user-agent": f"flux/{__version__}"}
-        )
+        self._client = self._given_client  # else made on the first delivery
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="webhooks:sender")
@@ -423,7 +422,12 @@ class WebhookOutbox:
 
     async def _post(self, claim: _Claim) -> _Outcome:
         """POST once with a total deadline of the request's timeout; never raise."""
-        assert self._client is not None
+        import httpx  # here, not at import: ~5 MiB of RSS most gateways never need
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                follow_redirects=False, headers={"user-agent": f"flux/{__version__}"}
+            )
         headers = {
             **claim.headers,
             DELIVERY_HEADER: str(claim.id),

@@ -15,11 +15,19 @@ import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect
 
 from flux.config import DatabaseConfig
 from flux.store.database import create_engine
-from flux.store.migrate import downgrade, upgrade
+from flux.store.migrate import (
+    alembic_config,
+    current_revision,
+    downgrade,
+    head_revision,
+    upgrade,
+    upgrade_async,
+)
 from flux.store.schema import metadata
 from tests.support import device, free_port, unique, wait_until
 
@@ -190,3 +198,23 @@ async def test_flux_run_starts_the_embedded_broker_stores_and_stops_on_sigterm(
             process.wait()
     assert process.returncode == 0, output.decode()
     assert b"flux stopped" in output
+
+
+async def test_start_up_migrates_once_and_skips_alembic_at_head(tmp_path: Path) -> None:
+    config = DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/flux.db")
+    assert await current_revision(config) is None
+    await upgrade_async(config)
+    alembic_head = ScriptDirectory.from_config(alembic_config(config.url)).get_current_head()
+    assert await current_revision(config) == head_revision() == alembic_head
+    # A later start finds the head and never loads Alembic (~11 MiB of RSS).
+    probe = (
+        "import asyncio, sys\n"
+        "from flux.config import DatabaseConfig\n"
+        "from flux.store.migrate import upgrade_async\n"
+        f"asyncio.run(upgrade_async(DatabaseConfig(url={config.url!r})))\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
