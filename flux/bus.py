@@ -151,6 +151,9 @@ class _Subscription:
         self.queue: deque[Event] = deque()
         self.blocked: deque[tuple[Event, asyncio.Future[None]]] = deque()
         self.wakeup = asyncio.Event()
+        # True while a partly filled batch waits up to ``max_wait_s``: only a full batch
+        # needs to wake the task then, not every event.
+        self.collecting = False
         self.idle = asyncio.Event()
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
@@ -165,6 +168,11 @@ class _Subscription:
         # the capacity, so the fast path costs the same in both states.
         self.room = self.high_mark
 
+    def wake(self) -> None:
+        """Tell the task events arrived (while collecting: only once the batch is full)."""
+        if not self.collecting or len(self.queue) >= self.max_batch:
+            self.wakeup.set()
+
     def has_room(self) -> bool:
         """True when ``append`` may queue an event now (below the fast-path limit, no waiters)."""
         return len(self.queue) < self.room and not self.blocked
@@ -172,19 +180,19 @@ class _Subscription:
     def append(self, event: Event) -> None:
         """Queue ``event``; only after ``has_room`` said so."""
         self.queue.append(event)
-        self.wakeup.set()
+        self.wake()
 
     async def offer(self, event: Event) -> None:
         """Queue ``event`` according to the overflow policy; wait when it must block."""
         if len(self.queue) < self.room and not self.blocked:
             self.queue.append(event)
-            self.wakeup.set()
+            self.wake()
             return
         if not self.backlogged:
             self.set_backlogged(True)
         if len(self.queue) < self.capacity and not self.blocked:
             self.queue.append(event)
-            self.wakeup.set()
+            self.wake()
             return
         if self.overflow != "block" and not event.needs_ack:
             if self.overflow == "drop_newest":
@@ -194,7 +202,7 @@ class _Subscription:
                 self.queue.popleft()
                 self._drop()
                 self.queue.append(event)
-                self.wakeup.set()
+                self.wake()
                 return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.blocked.append((event, waiter))
@@ -239,7 +247,6 @@ class _Subscription:
 
     async def run(self) -> None:
         """Deliver batches until cancelled; a failing handler is logged, counted and skipped."""
-        loop = asyncio.get_running_loop()
         while True:
             while not self.queue:
                 self.idle.set()
@@ -247,14 +254,13 @@ class _Subscription:
                 await self.wakeup.wait()
             self.idle.clear()
             if self.max_wait_s > 0 and len(self.queue) < self.max_batch:
-                deadline = loop.time() + self.max_wait_s
-                while len(self.queue) < self.max_batch:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    self.wakeup.clear()
+                self.collecting = True
+                self.wakeup.clear()
+                try:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wakeup.wait(), remaining)
+                        await asyncio.wait_for(self.wakeup.wait(), self.max_wait_s)
+                finally:
+                    self.collecting = False
             batch = self.take_batch()
             self.depth_gauge.set(len(self.queue))
             if self.backlogged and len(self.queue) < self.low_mark:

@@ -29,6 +29,11 @@ REASON_INVALID_UTF8 = "invalid_utf8"
 REASON_INVALID_JSON = "invalid_json"
 REASON_NOT_AN_OBJECT = "not_an_object"
 REASON_TOPIC_TOO_LONG = "topic_too_long"
+REASON_TOO_DEEP = "too_deep"
+
+#: Deepest nesting accepted: orjson reads up to 1024 levels but writes only up to 255, and
+#: every stage after ingest (store, plugins) writes the payload again.
+MAX_DEPTH = 254
 
 #: Longest topic accepted; MQTT allows 64 KiB but no device needs more than this.
 MAX_TOPIC_LENGTH = 1024
@@ -145,9 +150,9 @@ def device_id_for(topic: str, payload: dict[str, Any]) -> str | None:
 def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode a message body into a JSON object or raise ``InvalidEvent`` with the reason.
 
-    orjson rejects NaN/Infinity and nesting deeper than 1024, so neither can reach a rule, a
-    plugin or the database. Integers beyond 64 bits are read as floats (their low digits
-    are lost), as most JSON consumers would.
+    orjson rejects NaN/Infinity; nesting deeper than ``MAX_DEPTH`` is refused here, since
+    the payload could not be written again later. Integers beyond 64 bits are read as floats
+    (their low digits are lost), as most JSON consumers would.
     """
     if len(raw) > max_bytes:
         raise InvalidEvent(
@@ -164,7 +169,24 @@ def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
             f"payload must be a JSON object, got {type(value).__name__}",
             reason=REASON_NOT_AN_OBJECT,
         )
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise InvalidEvent(f"payload nests deeper than {MAX_DEPTH} levels", reason=REASON_TOO_DEEP)
     return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (iterative: no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def binary_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:

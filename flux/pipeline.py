@@ -3,7 +3,9 @@
 One bus subscriber (``pipeline``) runs both, so what a stage derives is processed inline,
 depth first, up to the hop limit, instead of going back through the bus: a stage that waited
 on its own full queue would deadlock. Derived events go to the store only
-(``bus.publish(..., to="store")``), whose handler never publishes, so waiting on it is safe.
+(``bus.publish(..., to="store")``), whose handler never publishes, so waiting for room in its
+queue is safe. The pipeline does not wait for their commit: it moves on to the next batch
+and confirms batches in order as their derived events commit.
 
 Acknowledgement: an ingested event the pipeline accepts carries a ``JointAck`` that fires
 only when both the store has committed the event and the pipeline has committed everything
@@ -16,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from flux.bus import BusClosed, EventBus
@@ -56,26 +60,23 @@ class JointAck:
             self._ack()
 
 
-class _Committed:
-    """Count down the derived events of one batch as the store commits them."""
+class _BatchConfirmation:
+    """Confirm one batch's events once every derived event it handed to the store commits.
 
-    def __init__(self) -> None:
-        self._outstanding = 0
-        self._done = asyncio.Event()
-        self._done.set()
+    The pipeline goes on with the next batch meanwhile (waiting here would leave the CPU
+    idle for each commit's fsync); ``Pipeline`` confirms batches strictly in order.
+    """
 
-    def track(self, event: Event) -> None:
-        self._outstanding += 1
-        self._done.clear()
-        event.ack = self._one_committed
+    __slots__ = ("batch", "outstanding", "sealed")
 
-    def _one_committed(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0:
-            self._done.set()
+    def __init__(self, batch: list[Event]) -> None:
+        self.batch = batch
+        self.outstanding = 0
+        self.sealed = False
 
-    async def wait(self) -> None:
-        await self._done.wait()
+    @property
+    def ready(self) -> bool:
+        return self.sealed and self.outstanding == 0
 
 
 class Pipeline:
@@ -102,6 +103,8 @@ class Pipeline:
         # Filled by the action handlers while a batch's matches execute.
         self._alerts: list[dict[str, Any]] = []
         self._derived: list[Event] = []
+        # Batches handled but not yet confirmed, oldest first (see ``handle``).
+        self._unconfirmed: deque[_BatchConfirmation] = deque()
         self._unregister = [
             actions.register("alert", self._alert_action),
             actions.register("plugin", self._plugin_action),
@@ -118,18 +121,27 @@ class Pipeline:
         return True
 
     async def handle(self, batch: list[Event]) -> None:
-        """Process ``batch`` and what it derives; then confirm each event (see ``JointAck``).
+        """Process ``batch`` and what it derives; confirm each event (see ``JointAck``) once
+        the store has committed everything derived, in batch order.
 
         A bug in a stage is logged and counted and the batch is still confirmed, so one bad
         batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
         the batch stays unconfirmed and the broker redelivers it.
         """
+        confirmation = _BatchConfirmation(batch)
+        self._unconfirmed.append(confirmation)
         try:
             work = batch
             while work:
                 derived = await self._process(work)
-                if derived:
-                    await self._persist(derived)
+                for event in derived:
+                    event.ack = partial(self._derived_committed, confirmation)
+                    confirmation.outstanding += 1
+                    try:
+                        await self._bus.publish(event, to=STORE_SUBSCRIBER)
+                    except BaseException:
+                        confirmation.outstanding -= 1  # never reached the store
+                        raise
                 work = [event for event in derived if event.hops <= self._max_hops]
         except BusClosed:
             log.warning("bus closed mid-batch; %d events left for redelivery", len(batch))
@@ -137,8 +149,20 @@ class Pipeline:
         except Exception:
             SUBSCRIBER_ERRORS.labels(subscriber=PIPELINE_SUBSCRIBER).inc()
             log.exception("pipeline failed on a batch of %d events", len(batch))
-        for event in batch:
-            event.ack()
+        confirmation.sealed = True
+        self._confirm_ready()
+
+    def _derived_committed(self, confirmation: _BatchConfirmation) -> None:
+        confirmation.outstanding -= 1
+        if confirmation.ready:
+            self._confirm_ready()
+
+    def _confirm_ready(self) -> None:
+        """Confirm the oldest batches whose derived events are all committed."""
+        unconfirmed = self._unconfirmed
+        while unconfirmed and unconfirmed[0].ready:
+            for event in unconfirmed.popleft().batch:
+                event.ack()
 
     async def _process(self, work: list[Event]) -> list[Event]:
         """One level: plugins on the events they subscribe to, then rules and actions."""
@@ -190,14 +214,6 @@ class Pipeline:
                 source=event.source,
             )
         )
-
-    async def _persist(self, derived: list[Event]) -> None:
-        """Hand derived events to the store and wait until they are committed."""
-        committed = _Committed()
-        for event in derived:
-            committed.track(event)
-            await self._bus.publish(event, to=STORE_SUBSCRIBER)
-        await committed.wait()
 
     # -- action handlers (called by ActionExecutor while a batch's matches execute) ---------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Self
 
-from sqlalchemy import insert
+from orjson import JSONEncodeError
+from sqlalchemy import case, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -69,8 +71,13 @@ class _SqliteTime:
         self._prefix = ""
 
     def __call__(self, timestamp: float) -> str:
-        micros = round(timestamp * 1_000_000)
-        second, micro = divmod(micros, 1_000_000)
+        # Round exactly as datetime.fromtimestamp does: the fraction, half to even.
+        fraction, whole = math.modf(timestamp)
+        second, micro = int(whole), round(fraction * 1_000_000)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        elif micro < 0:
+            second, micro = second - 1, micro + 1_000_000
         if second != self._second:
             self._second = second
             self._prefix = _utc(second).strftime("%Y-%m-%d %H:%M:%S")
@@ -217,12 +224,22 @@ class StoreWriter:
         device_rows = _device_rows(batch)
         if device_rows:
             statement = self._insert(devices)
+            incoming = statement.excluded
+            newer = incoming.last_seen >= devices.c.last_seen
+            # Several writers (``flux run --workers``) may commit a device's batches out of
+            # order: first_seen only moves back, last_seen and last_payload only forward.
             statement = statement.on_conflict_do_update(
                 index_elements=[devices.c.id],
                 set_={
-                    "last_seen": statement.excluded.last_seen,
-                    "message_count": devices.c.message_count + statement.excluded.message_count,
-                    "last_payload": statement.excluded.last_payload,
+                    "first_seen": case(
+                        (incoming.first_seen < devices.c.first_seen, incoming.first_seen),
+                        else_=devices.c.first_seen,
+                    ),
+                    "last_seen": case((newer, incoming.last_seen), else_=devices.c.last_seen),
+                    "message_count": devices.c.message_count + incoming.message_count,
+                    "last_payload": case(
+                        (newer, incoming.last_payload), else_=devices.c.last_payload
+                    ),
                 },
             )
             await conn.execute(statement, device_rows)
@@ -314,7 +331,7 @@ class StoreWriter:
                         await work(conn)
                 finally:
                     await conn.close()
-            except (IntegrityError, StatementError, DBAPIError, OSError) as exc:
+            except (IntegrityError, StatementError, DBAPIError, OSError, JSONEncodeError) as exc:
                 if not _is_outage(exc):
                     return str(getattr(exc, "orig", exc) or exc)
                 DB_WRITE_ERRORS.inc()

@@ -25,6 +25,7 @@ from flux.events import (
     REASON_INVALID_JSON,
     REASON_INVALID_UTF8,
     REASON_NOT_AN_OBJECT,
+    REASON_TOO_DEEP,
     REASON_TOO_LARGE,
     REASON_TOPIC_TOO_LONG,
     DeadLetter,
@@ -33,7 +34,6 @@ from flux.events import (
     make_event,
 )
 from flux.metrics import SUBSCRIBER_ERRORS
-from flux.store.writer import REASON_STORE_REJECTED
 from tests.conftest import make_settings
 from tests.faults._harness import Db, SeqDevice, wait_subscribed
 from tests.support import PrivateMosquitto, unique, wait_until
@@ -43,6 +43,7 @@ REASONS = {
     REASON_INVALID_JSON,
     REASON_INVALID_UTF8,
     REASON_NOT_AN_OBJECT,
+    REASON_TOO_DEEP,
     REASON_TOO_LARGE,
     REASON_TOPIC_TOO_LONG,
 }
@@ -156,10 +157,10 @@ async def test_malformed_messages_become_dead_letters_and_the_pipeline_goes_on(
     dev = unique("dev")
     good_topic = f"devices/{dev}/telemetry"
     cases: list[tuple[str | None, bytes, str]] = _draw(MALFORMED, 120)
-    # A JSON object too deep for the database's serializer (orjson dumps 254 levels) but
-    # within the decoder's 1024: it must become a dead letter too, not wedge a batch.
+    # A JSON object orjson reads (up to 1024 levels) but cannot write again (over 254):
+    # refused at ingest, so it never reaches a stage that would have to serialize it.
     deep = b'{"a":' * 300 + b"1" + b"}" * 300
-    cases.append((None, deep, REASON_STORE_REJECTED))
+    cases.append((None, deep, REASON_TOO_DEEP))
     arbitrary = _draw(st.binary(max_size=300), 60)
     for raw in arbitrary:
         item = make_event(good_topic, raw, max_bytes=MAX_BYTES, source="mqtt")

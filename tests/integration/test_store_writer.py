@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from flux.config import DatabaseConfig
 from flux.events import Event, derive_event, make_event
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
-from flux.store.schema import events
-from flux.store.writer import StoreWriter, _utc
+from flux.store.schema import dead_letters, devices, events
+from flux.store.writer import REASON_STORE_REJECTED, StoreWriter, _SqliteTime, _utc
 
 
 def _batch() -> list[Event]:
@@ -74,3 +76,83 @@ async def test_sqlite_fast_path_stores_what_sqlalchemy_reads_back(tmp_path: Path
 @pytest.mark.postgres
 async def test_postgresql_stores_the_same_batch(pg_url: str) -> None:
     _check(*await _stored(pg_url))
+
+
+async def _write_unserializable(url: str) -> None:
+    """A derived payload nested deeper than orjson writes (plugins may emit one) is isolated
+    into a ``store_rejected`` dead letter; the rest of the batch is stored, all acknowledged."""
+    config = DatabaseConfig(url=url)
+    await upgrade_async(config)
+    engine = create_engine(config)
+    batch = _batch()
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    batch.insert(1, derive_event(batch[0], topic="devices/d0/deep", payload={"ok": 1}))
+    batch[1].payload = deep
+    acked: list[str] = []
+    for event in batch:
+        event.ack = lambda event=event: acked.append(event.id)  # type: ignore[misc]
+    try:
+        async with StoreWriter(engine=engine) as writer:
+            await writer.write_batch(batch)
+        async with engine.connect() as conn:
+            stored = {row[0] for row in await conn.execute(select(events.c.id))}
+            letters = [tuple(row) for row in await conn.execute(select(dead_letters.c.reason))]
+    finally:
+        await engine.dispose()
+    assert stored == {event.id for event in batch} - {batch[1].id}
+    assert letters == [(REASON_STORE_REJECTED,)]
+    assert acked == [event.id for event in batch]
+
+
+async def test_a_payload_sqlite_cannot_serialize_becomes_a_dead_letter(tmp_path: Path) -> None:
+    await _write_unserializable(f"sqlite+aiosqlite:///{tmp_path}/flux.db")
+
+
+@pytest.mark.postgres
+async def test_a_payload_postgresql_cannot_serialize_becomes_a_dead_letter(pg_url: str) -> None:
+    await _write_unserializable(pg_url)
+
+
+async def _out_of_order_device_batches(url: str) -> None:
+    """Two writers may commit a device's batches out of order (``flux run --workers``):
+    the device row keeps the latest last_seen and payload, and counts both."""
+    config = DatabaseConfig(url=url)
+    await upgrade_async(config)
+    engine = create_engine(config)
+    later, earlier = (
+        make_event("devices/d9/telemetry", raw, max_bytes=1024, source="mqtt")
+        for raw in (b'{"n": "later"}', b'{"n": "earlier"}')
+    )
+    assert isinstance(later, Event) and isinstance(earlier, Event)
+    later.received_at, earlier.received_at = 1_795_000_100.5, 1_795_000_000.25
+    try:
+        async with StoreWriter(engine=engine) as writer:
+            await writer.write_batch([later])
+            await writer.write_batch([earlier])
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(devices))).mappings().one()
+    finally:
+        await engine.dispose()
+    assert row["message_count"] == 2
+    assert row["last_payload"] == {"n": "later"}
+    assert row["last_seen"].replace(tzinfo=None) == _utc(later.received_at).replace(tzinfo=None)
+    assert row["first_seen"].replace(tzinfo=None) == _utc(earlier.received_at).replace(tzinfo=None)
+
+
+async def test_sqlite_device_rows_only_move_forward(tmp_path: Path) -> None:
+    await _out_of_order_device_batches(f"sqlite+aiosqlite:///{tmp_path}/flux.db")
+
+
+@pytest.mark.postgres
+async def test_postgresql_device_rows_only_move_forward(pg_url: str) -> None:
+    await _out_of_order_device_batches(pg_url)
+
+
+@settings(max_examples=2000, derandomize=True, database=None)
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_sqlite_time_rounds_like_datetime(timestamp: float) -> None:
+    """The writer's own timestamp text equals SQLAlchemy's (via datetime) to the microsecond."""
+    expected = _utc(timestamp).strftime("%Y-%m-%d %H:%M:%S.%f")
+    assert _SqliteTime()(timestamp) == expected
