@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import orjson
 from flux import __version__
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError, FluxError
+from flux.workers import WORKER_INDEX_ENV, attach_to_supervisor, run_workers
 
 DEFAULT_CONFIG = "config.toml"
 EXIT_CONFIG = 2
@@ -31,20 +33,46 @@ def _run_async(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """The configuration file to read, or None for built-in defaults (no ./config.toml)."""
     path = Path(args.config)
     if not path.exists() and args.config == DEFAULT_CONFIG:
+        return None
+    return path
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = _config_path(args)
+    if path is None:
         logging.getLogger("flux").warning("no %s here; using built-in defaults", DEFAULT_CONFIG)
-        return load_settings(None)
     return load_settings(path)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    attach_to_supervisor()
+    settings = _settings(args)
+    if args.workers > 1:
+        return run_workers(
+            settings,
+            count=args.workers,
+            config=args.config,
+            config_path=_config_path(args),
+            log_level=args.log_level,
+        )
     from flux.app import run
 
-    settings = _settings(args)
     _run_async(run(settings))
     return 0
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -160,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
             "embedded broker when none answers), serve the HTTP API; stop cleanly on SIGTERM.",
         )
     )
+    run.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="gateway processes sharing the MQTT subscription ($share/<group>/...) and the "
+        "database; worker i gets client id <client_id>-w<i> and ports server.port+i, "
+        "metrics.port+i (default 1: this process, no supervisor)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     db = commands.add_parser("db", help="database commands")
@@ -234,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    worker = os.environ.get(WORKER_INDEX_ENV)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s "
+        + (f"[w{worker}] " if worker is not None else "")
+        + "%(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("alembic", "gmqtt", "amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))

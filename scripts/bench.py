@@ -1,15 +1,58 @@
-"""Load-test a real gateway process on loopback and report throughput, latency and memory.
+"""Load-test a real gateway process on loopback: throughput, latency, memory, pools, rules.
 
 Driven by ``scripts/benchmark.sh``. Every scenario starts ``flux run`` as a child process on
-a temporary config, with a private Mosquitto on a free port, and is bounded in count and
-time. Scenarios:
+a temporary config, with a private Mosquitto of its own on a free port (a fresh one per
+scenario, so no session or queue of one scenario reaches the next), and is bounded in count
+and time (``--timeout`` caps each wait).
 
-- ``drain`` (P1): a QoS 1 backlog is preloaded into the gateway's persistent session while
-  the gateway is stopped (so the publishers' CPU does not compete), then the gateway is
-  started and the time to commit the whole backlog is measured.
-- ``latency`` (P2): a paced QoS 1 stream; publish -> visible-in-database latency per message,
-  observed by polling the database every 2 ms.
-- ``http`` (P4): POST /api/v1/event from many keep-alive connections, then the batch endpoint.
+Scenarios (``--only`` takes names or the issue's ids P1..P8, comma-separated, in that order;
+ids that name the same run are run once):
+
+- ``drain`` (P1, P3, P5): a QoS 1 backlog (``--messages`` from ``--publishers`` processes) is
+  queued in the gateway's persistent session while the gateway is stopped (so the
+  publishers' CPU does not compete), then the gateway starts and the time from the first to
+  the last commit is measured. QoS 0 is refused: a broker does not queue QoS 0 messages for
+  an offline session, so there would be no backlog.
+- ``latency`` (P2): a paced QoS 1 stream (``--rate`` for ``--duration`` s); publish -> visible
+  in the database per message, observed by polling every 2 ms (SQLite by rowid; PostgreSQL
+  by the time-ordered event id, looking again just behind the newest id every 20 ms for
+  rows committed out of id order, as by several workers: those are ``late_found``).
+- ``http`` (P4): POST /api/v1/event from ``--http-concurrency`` keep-alive connections, then
+  the batch endpoint with 100 events per request (connections spread over the workers).
+- ``workers`` (P7): a live QoS 0 flood (``--messages`` as fast as ``--publishers`` processes
+  can publish; QoS 0 whatever ``--qos`` says) against ``flux run`` with 1 worker, then with
+  ``max(2, --workers)``, on one shared database. ``events_per_s`` is the stored-count growth
+  while the flood lasts, with the publishers' own rate beside it (``publish_rate``: they
+  share the machine's cores with the gateway, so on a small machine they may be the limit);
+  what the broker buffered is committed afterwards (``catch_up_s``), and
+  ``overall_events_per_s`` is all stored over the time to the last commit. The second row
+  has both ratios to the first (``vs_1_worker``, ``overall_vs_1_worker``); ``lost`` counts
+  QoS 0 messages never stored.
+- P8: ``drain`` against PostgreSQL: ``--database-url`` if given, else
+  postgresql+asyncpg://127.0.0.1:5432/test if it answers, else skipped with the reason.
+
+PostgreSQL: ``--database-url`` names a server and a database to connect to; the bench
+creates a scratch database ``flux_bench_<random>`` there, runs every scenario in it (they
+TRUNCATE between runs) and drops it at the end, so the named database is never written.
+
+``--workers N`` passes ``--workers N`` to ``flux run`` (N processes sharing one MQTT shared
+subscription; worker i serves HTTP on the configured port + i). CPU seconds and peak RSS are
+then summed over the gateway's process tree (the supervisor included; RSS as the sum of each
+process's peak), and /metrics is summed over the workers.
+
+Every result row carries, from /metrics at the end of the scenario: ``pool_hit_ratio`` =
+plugin pool hits / (hits + misses), and the rule evaluation cost from the
+``flux_rule_eval_seconds`` histogram: ``rule_eval_us_per_batch`` (sum / count: one batched
+Lua call of all rules over a batch of events) and ``rule_eval_us_per_event`` (sum / events
+evaluated, where events evaluated is the largest per-rule ``flux_rule_evaluations_total``:
+every generated rule has the same topic filter), and ``rule_batch_events`` (events per
+batch). ``null`` where nothing ran (no plugin, no rules).
+
+``--plot FILE.png`` draws committed events/s over time (the stored count is sampled every
+50 ms in drain, http and workers, and by the latency watcher) and per-message latency over
+send time (needs matplotlib, in the dev extras). ``--profile FILE`` writes py-spy collapsed
+stacks of each measured gateway (with several workers, of all of them: ``--subprocesses``);
+with more than one measured gateway, FILE gets the run's name before its suffix.
 """
 
 from __future__ import annotations
@@ -22,19 +65,23 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import paho.mqtt.client as paho
@@ -44,6 +91,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import PrivateMosquitto, free_port, telemetry, wait_port  # noqa: E402
+
+#: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
+SCENARIO_NAMES = ("drain", "latency", "http", "workers")
+IDS = {
+    "P1": "drain",
+    "P3": "drain",
+    "P5": "drain",
+    "P2": "latency",
+    "P4": "http",
+    "P7": "workers",
+    "P8": "drain-pg",
+}
+DEFAULT_PG_URL = "postgresql+asyncpg://127.0.0.1:5432/test"
+#: How often the stored count is sampled (drain, http, workers) and latency throughput noted.
+SAMPLE_S = 0.05
+#: Flood: the count is final when it has not grown for this long after the publishers end.
+SETTLE_S = 2.0
+#: PostgreSQL latency watcher: how often (s) and how far behind the newest id seen (ms) to
+#: look again for rows that committed out of id order (several workers): often and near, and
+#: now and then far.
+CATCHUPS = ((0.02, 500), (1.0, 10_000))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -64,23 +132,413 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _process_tree(pid: int) -> list[int]:
+    """Return ``pid`` and its descendants (the gateway's workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [pid], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def _proc_stats(pid: int) -> dict[str, float]:
-    """Peak RSS (MiB) and CPU seconds of a process, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """Peak RSS (MiB, each process's peak, summed) and CPU seconds of a process tree."""
     ticks = os.sysconf("SC_CLK_TCK")
-    return {"peak_rss_mib": hwm / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
+    hwm_kib = cpu_ticks = processes = 0
+    for member in _process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        hwm_kib += next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0
+        )
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        processes += 1
+    return {"peak_rss_mib": hwm_kib / 1024, "cpu_s": cpu_ticks / ticks, "processes": processes}
+
+
+def free_ports(count: int) -> int:
+    """Return a base port such that ``base .. base + count - 1`` are all free on loopback."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65536:
+            continue
+        with ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports on loopback")
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+def _dsn(url: str) -> str:
+    """The asyncpg form of a SQLAlchemy ``postgresql+asyncpg://`` URL."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for the report."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def _pg_execute(url: str, sql: str) -> Any:
+    """Run one statement on its own connection; return the first value of its result."""
+    import asyncpg
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(_dsn(url), timeout=5)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+class ScratchPostgres:
+    """A database of the bench's own on a PostgreSQL server: created on entry, dropped on exit."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.name = f"flux_bench_{uuid.uuid4().hex[:10]}"
+        self.url = _with_database(server_url, self.name)
+
+    def probe(self) -> str:
+        """Return why the server cannot be used, or '' when it answers."""
+        try:
+            _pg_execute(self.server_url, "SELECT 1")
+        except Exception as exc:
+            where = urlsplit(self.server_url).netloc.rsplit("@", 1)[-1]
+            return f"PostgreSQL at {where} does not answer: {exc!r}"
+        return ""
+
+    def __enter__(self) -> ScratchPostgres:
+        _pg_execute(self.server_url, f'CREATE DATABASE "{self.name}"')
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _pg_execute(self.server_url, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+#: Empty every table of the scratch database but the migration version, in one statement.
+_TRUNCATE_ALL = """
+DO $$ DECLARE names text; BEGIN
+  SELECT string_agg(quote_ident(tablename), ', ') INTO names
+  FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version';
+  IF names IS NOT NULL THEN EXECUTE 'TRUNCATE ' || names; END IF;
+END $$
+"""
+
+
+class Reader(Protocol):
+    """Reads the events table from one thread on a connection of its own."""
+
+    late: int
+
+    def count(self) -> int: ...
+
+    def new_payloads(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteReader:
+    """Count stored events and read new ones by rowid (commit order, even with several writers)."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, timeout=30)
+        self._last = 0
+        self.late = 0
+
+    def count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM events WHERE hops = 0").fetchone()[0])
+
+    def new_payloads(self) -> list[Any]:
+        rows = self._conn.execute(
+            "SELECT rowid, payload FROM events WHERE hops = 0 AND rowid > ? ORDER BY rowid",
+            (self._last,),
+        ).fetchall()
+        if rows:
+            self._last = rows[-1][0]
+        return [payload for _, payload in rows]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresReader:
+    """Count stored events and read new ones by the time-ordered event id.
+
+    Ids sort by creation time (48-bit milliseconds first) and one writer commits them in
+    that order; several workers do not, so the ids just behind the newest one seen are
+    looked at again (``CATCHUPS``) and rows missed are returned then, counted in ``late``
+    (their latency is late by up to 20 ms).
+    """
+
+    def __init__(self, url: str) -> None:
+        import asyncpg
+
+        self._loop = asyncio.new_event_loop()
+        self._conn = self._loop.run_until_complete(asyncpg.connect(_dsn(url), timeout=10))
+        self._last = ""
+        self._seen: set[str] = set()
+        self._next = [time.monotonic() + every for every, _ in CATCHUPS]
+        self.late = 0
+
+    def _fetch(self, sql: str, *params: Any) -> list[Any]:
+        return list(self._loop.run_until_complete(self._conn.fetch(sql, *params)))
+
+    def count(self) -> int:
+        value = self._loop.run_until_complete(
+            self._conn.fetchval("SELECT count(*) FROM events WHERE hops = 0")
+        )
+        return int(value)
+
+    def new_payloads(self) -> list[Any]:
+        rows = self._fetch(
+            "SELECT id, payload FROM events WHERE hops = 0 AND id > $1 ORDER BY id", self._last
+        )
+        if rows:
+            self._last = rows[-1]["id"]
+        self._seen.update(row["id"] for row in rows)
+        now = time.monotonic()
+        for i, (every, lookback_ms) in enumerate(CATCHUPS):
+            if now < self._next[i] or not self._last:
+                continue
+            self._next[i] = now + every
+            floor = f"{max(0, int(self._last[:12], 16) - lookback_ms):012x}"
+            ids = self._fetch(
+                "SELECT id FROM events WHERE hops = 0 AND id > $1 AND id <= $2",
+                floor,
+                self._last,
+            )
+            missed = [row["id"] for row in ids if row["id"] not in self._seen]
+            if missed:
+                late = self._fetch("SELECT id, payload FROM events WHERE id = ANY($1)", missed)
+                self._seen.update(row["id"] for row in late)
+                self.late += len(late)
+                rows += late
+        return [row["payload"] for row in rows]
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+
+@dataclass
+class Database:
+    """Where one run's gateway stores events: SQLite in the work dir, or a PostgreSQL URL."""
+
+    url: str
+    sqlite_path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return "sqlite" if self.sqlite_path is not None else "postgresql"
+
+    def reader(self) -> Reader:
+        if self.sqlite_path is not None:
+            return SqliteReader(self.sqlite_path)
+        return PostgresReader(self.url)
+
+    def count(self) -> int:
+        reader = self.reader()
+        try:
+            return reader.count()
+        finally:
+            reader.close()
+
+    def reset(self) -> None:
+        if self.sqlite_path is None:
+            _pg_execute(self.url, _TRUNCATE_ALL)  # a no-op before the first migration
+            return
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
+
+
+# -- time series for --plot --------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """Points for the plot: ``count`` (s, stored events) or ``latency`` (send s, latency ms)."""
+
+    label: str
+    kind: str
+    points: list[tuple[float, float]] = field(default_factory=list)
+    #: Times drawn as dashed lines (the end of a flood).
+    marks: list[float] = field(default_factory=list)
+
+
+class CountSampler:
+    """Sample the stored-event count every ``SAMPLE_S`` on a thread, into a ``Series``."""
+
+    def __init__(self, db: Database, series: Series) -> None:
+        self._db = db
+        self.series = series
+        self.latest = 0
+        self.error: Exception | None = None
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CountSampler:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            reader = self._db.reader()
+            try:
+                while True:
+                    self.latest = reader.count()
+                    now = time.perf_counter()
+                    self.series.points.append((now - self.started, self.latest))
+                    if self._stop.wait(SAMPLE_S):
+                        return
+            finally:
+                reader.close()
+        except Exception as exc:
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise what stopped the sampler, if anything did."""
+        if self.error is not None:
+            raise RuntimeError(f"stored-count sampler failed: {self.error!r}") from self.error
+
+    def wait_for(self, total: int, timeout: float) -> bool:
+        """Wait until ``total`` events are stored; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.latest < total:
+            self.check()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(SAMPLE_S / 2)
+        return True
+
+
+# -- the gateway -------------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """A running ``flux run`` and the HTTP ports of its workers."""
+
+    process: subprocess.Popen[bytes]
+    ports: list[int]
+
+    def stats(self) -> dict[str, Any]:
+        stats = _proc_stats(self.process.pid)
+        return {
+            "cpu_s": round(stats["cpu_s"], 2),
+            "peak_rss_mib": round(stats["peak_rss_mib"], 1),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        return gateway_metrics(self.ports)
+
+    def ready_body(self) -> str:
+        """What each worker's /ready says (for a failure message)."""
+        bodies = []
+        for port in self.ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as resp:
+                    bodies.append(resp.read().decode())
+            except urllib.error.HTTPError as exc:
+                bodies.append(exc.read().decode())
+            except OSError as exc:
+                bodies.append(repr(exc))
+        return " ".join(bodies)
+
+
+def gateway_metrics(ports: list[int]) -> dict[str, Any]:
+    """Pool hit ratio and rule evaluation cost from /metrics, summed over the workers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    hits = misses = eval_sum = eval_count = 0.0
+    per_rule: dict[str, float] = {}
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError as exc:
+            return {"metrics_error": f"port {port}: {exc}"}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "flux_plugin_pool_hits_total":
+                    hits += sample.value
+                elif sample.name == "flux_plugin_pool_misses_total":
+                    misses += sample.value
+                elif sample.name == "flux_rule_eval_seconds_sum":
+                    eval_sum += sample.value
+                elif sample.name == "flux_rule_eval_seconds_count":
+                    eval_count += sample.value
+                elif sample.name == "flux_rule_evaluations_total":
+                    rule = sample.labels.get("rule", "")
+                    per_rule[rule] = per_rule.get(rule, 0.0) + sample.value
+    events = max(per_rule.values(), default=0.0)
+    return {
+        "pool_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+        "rule_eval_us_per_event": round(eval_sum / events * 1e6, 2) if events else None,
+        "rule_eval_us_per_batch": round(eval_sum / eval_count * 1e6, 1) if eval_count else None,
+        "rule_batch_events": round(events / eval_count, 1) if eval_count else None,
+    }
 
 
 @dataclass
 class Bench:
-    """One benchmark environment: a private broker, a temp dir and the gateway's config."""
+    """One benchmark environment: a temp dir, the current broker and database, the plot data."""
 
     args: argparse.Namespace
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flux-bench-")))
     broker: PrivateMosquitto | None = None
+    db: Database | None = None
     http_port: int = 0
+    series: list[Series] = field(default_factory=list)
+    profile_each: bool = False
+
+    def new_broker(self) -> PrivateMosquitto:
+        """Replace the broker with a fresh one: no session or queue of an earlier run survives."""
+        self.close_broker()
+        self.broker = PrivateMosquitto(persistent=True)
+        self.broker.start()
+        wait_port("127.0.0.1", self.broker.port)
+        return self.broker
+
+    def close_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.cleanup()
+            self.broker = None
 
     def rules_dir(self) -> Path:
         """Write ``--rules`` generated threshold rules (alert on a rare match) for the run."""
@@ -107,10 +565,10 @@ class Bench:
             shutil.copytree(ROOT / "plugins" / self.args.plugin, folder / self.args.plugin)
         return folder
 
-    def config(self, **overrides: dict[str, Any]) -> Path:
-        assert self.broker is not None
-        self.http_port = free_port()
-        db_url = self.args.database_url or f"sqlite+aiosqlite:///{self.workdir}/bench.db"
+    def config(self, workers: int = 1, **overrides: dict[str, Any]) -> Path:
+        """Write the gateway's config for the current broker and database; pick free ports."""
+        assert self.broker is not None and self.db is not None
+        self.http_port = free_ports(workers)
         sections: dict[str, dict[str, Any]] = {
             "server": {"port": self.http_port},
             "metrics": {"port": 0},
@@ -122,7 +580,7 @@ class Bench:
                 "embedded": "off",
             },
             "eventbus": {"capacity": self.args.capacity},
-            "database": {"url": db_url, "batch_size": self.args.batch_size},
+            "database": {"url": self.db.url, "batch_size": self.args.batch_size},
             "rules": {"dir": str(self.rules_dir())},
             "plugins": {"dir": str(self.plugins_dir()), "cache_dir": str(self.workdir / "modules")},
         }
@@ -137,27 +595,31 @@ class Bench:
         return path
 
     @contextmanager
-    def gateway(self, config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    def gateway(self, config: Path, *, workers: int = 1, profile_as: str = "") -> Iterator[Gateway]:
+        """Run ``flux run`` (with ``--workers`` when more than one) until the block ends.
+
+        ``profile_as`` names a measured start: it is profiled when ``--profile`` is given.
+        """
+        command = [sys.executable, "-m", "flux", "--log-level", "WARNING", "run"]
+        command += ["--config", str(config)]
+        if workers > 1:
+            command += ["--workers", str(workers)]
         log = open(self.workdir / "gateway.log", "ab")  # noqa: SIM115 - closed below
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flux",
-                "--log-level",
-                "WARNING",
-                "run",
-                "--config",
-                str(config),
-            ],
-            cwd=self.workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        handle = Gateway(process, [self.http_port + i for i in range(workers)])
+        profiler = None
         try:
-            self._wait_ready(process)
-            yield process
+            self._wait_ready(handle)
+            if self.args.profile and profile_as:
+                output = Path(self.args.profile)
+                if self.profile_each:
+                    output = output.with_name(f"{output.stem}-{profile_as}{output.suffix}")
+                profiler = _start_profiler(process.pid, str(output), workers > 1)
+            yield handle
         finally:
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -167,52 +629,44 @@ class Bench:
                     process.wait()
             log.close()
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    def _wait_ready(self, gateway: Gateway, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"gateway exited early; see {self.workdir}/gateway.log")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/ready", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("gateway not ready in time")
+        for port in gateway.ports:
+            while True:
+                if gateway.process.poll() is not None:
+                    raise RuntimeError(
+                        f"gateway exited early; see {self.workdir}/gateway.log:\n" + self.log_tail()
+                    )
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"gateway not ready on port {port} in time") from None
+                    time.sleep(0.05)
 
-    def db_count(self) -> int:
-        url = self.args.database_url
-        if url:
-            return _pg_count(url)
-        with sqlite3.connect(self.workdir / "bench.db", timeout=30) as conn:
-            return int(conn.execute("SELECT count(*) FROM events WHERE hops = 0").fetchone()[0])
-
-    def reset_db(self) -> None:
-        if self.args.database_url:
-            _pg_execute(self.args.database_url, "TRUNCATE events, devices, dead_letters")
-        else:
-            for suffix in ("", "-wal", "-shm"):
-                (self.workdir / f"bench.db{suffix}").unlink(missing_ok=True)
+    def log_tail(self, lines: int = 15) -> str:
+        with suppress(OSError):
+            text = (self.workdir / "gateway.log").read_text(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
+        return ""
 
 
-def _pg_execute(url: str, sql: str) -> Any:
-    import asyncpg
-
-    async def run() -> Any:
-        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            return await conn.fetchval(sql)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+def _start_profiler(pid: int, output: str, subprocesses: bool) -> subprocess.Popen[bytes]:
+    """Sample the gateway with py-spy into ``output`` (collapsed stacks) while it runs."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
+    command = [py_spy, "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", "250"]
+    command += ["-o", output] + (["--subprocesses"] if subprocesses else [])
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _pg_count(url: str) -> int:
-    return int(_pg_execute(url, "SELECT count(*) FROM events WHERE hops = 0"))
+# -- load generators ---------------------------------------------------------------------------
 
 
 def _publisher(port: int, device: str, count: int, qos: int, barrier: Any) -> None:
-    """One device process: publish ``count`` sequence-numbered messages and wait for PUBACKs."""
+    """One device process: publish ``count`` sequence-numbered messages, wait until sent/acked."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{device}")
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port)
@@ -229,89 +683,139 @@ def _publisher(port: int, device: str, count: int, qos: int, barrier: Any) -> No
     client.loop_stop()
 
 
-def preload(port: int, total: int, publishers: int, qos: int) -> float:
-    """Publish ``total`` messages from ``publishers`` processes; return the publish rate."""
+def publish(port: int, total: int, publishers: int, qos: int) -> tuple[float, float, float]:
+    """Publish ``total`` messages from ``publishers`` processes: (rate, started, finished).
+
+    The processes are spawned, not forked: the bench has sampler threads by then.
+    """
     per = total // publishers
-    barrier = multiprocessing.Barrier(publishers + 1)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(publishers + 1)
     processes = [
-        multiprocessing.Process(target=_publisher, args=(port, f"bench-{i}", per, qos, barrier))
+        context.Process(target=_publisher, args=(port, f"bench-{i}", per, qos, barrier))
         for i in range(publishers)
     ]
     for process in processes:
         process.start()
-    barrier.wait()
+    barrier.wait(60)
     started = time.perf_counter()
     for process in processes:
         process.join(300)
-    return per * publishers / (time.perf_counter() - started)
+        if process.is_alive():
+            process.kill()
+    finished = time.perf_counter()
+    return per * publishers / (finished - started), started, finished
 
 
-def scenario_drain(bench: Bench) -> dict[str, Any]:
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One scenario to run: its name, the ids that asked for it and whether P8 forced PostgreSQL."""
+
+    scenario: str
+    ids: list[str] = field(default_factory=list)
+    postgres: bool = False
+    #: ``--workers`` (the workers scenario picks its own counts and leaves this at 1).
+    workers: int = 1
+
+    @property
+    def label(self) -> str:
+        """Names the run in the plot and profile files: ``drain-pg-2w``."""
+        pg = "-pg" if self.postgres else ""
+        return f"{self.scenario}{pg}" + (f"-{self.workers}w" if self.workers > 1 else "")
+
+
+def scenario_drain(bench: Bench, run: Run) -> list[dict[str, Any]]:
     args = bench.args
-    bench.reset_db()
-    config = bench.config()
-    with bench.gateway(config):  # creates the persistent session and its subscription
+    assert bench.db is not None
+    if args.qos == 0:
+        return [{"skipped": "a QoS 0 backlog is not queued for an offline session; see workers"}]
+    broker = bench.new_broker()
+    bench.db.reset()
+    config = bench.config(args.workers)
+    with bench.gateway(config, workers=args.workers):  # creates the sessions and subscriptions
         pass
-    publish_rate = preload(bench.broker.port, args.messages, args.publishers, args.qos)  # type: ignore[union-attr]
+    publish_rate, _, _ = publish(broker.port, args.messages, args.publishers, args.qos)
     total = args.messages // args.publishers * args.publishers
-    with bench.gateway(config) as process:
-        first_at = None
-        start_count = 0
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            count = bench.db_count()
-            now = time.perf_counter()
-            if first_at is None and count > 0:
-                first_at, start_count = now, count
-            if count >= total:
-                break
-            time.sleep(0.02)
-        finished = time.perf_counter()
-        stats = _proc_stats(process.pid)
-    if first_at is None or count < total:
-        raise RuntimeError(f"drain incomplete: {count}/{total} stored")
-    seconds = finished - first_at
-    return {
-        "scenario": "drain",
-        "messages": total,
-        "qos": args.qos,
-        "events_per_s": round((total - start_count) / seconds),
-        "seconds": round(seconds, 2),
-        "preload_publish_rate": round(publish_rate),
-        "cpu_s": round(stats["cpu_s"], 2),
-        "peak_rss_mib": round(stats["peak_rss_mib"], 1),
-    }
+    series = Series(run.label, "count")
+    with (
+        bench.gateway(config, workers=args.workers, profile_as=run.label) as gateway,
+        CountSampler(bench.db, series) as sampler,
+    ):
+        done = sampler.wait_for(total, args.timeout)
+        stats = gateway.stats()
+        metrics = gateway.metrics()
+        if not done:
+            raise RuntimeError(
+                f"drain incomplete: {sampler.latest}/{total} stored after {args.timeout} s; "
+                f"/ready: {gateway.ready_body()}\ngateway log:\n{bench.log_tail()}"
+            )
+    bench.series.append(series)
+    stored = [(t, count) for t, count in series.points if count > 0]
+    first_at, start_count = stored[0]
+    finished = next(t for t, count in stored if count >= total)
+    seconds = max(finished - first_at, SAMPLE_S)
+    return [
+        {
+            "messages": total,
+            "qos": args.qos,
+            "events_per_s": round((total - start_count) / seconds),
+            "seconds": round(seconds, 2),
+            "preload_publish_rate": round(publish_rate),
+            **stats,
+            **metrics,
+        }
+    ]
 
 
-def scenario_latency(bench: Bench) -> dict[str, Any]:
+def scenario_latency(bench: Bench, run: Run) -> list[dict[str, Any]]:
     args = bench.args
-    bench.reset_db()
-    config = bench.config()
+    db = bench.db
+    assert db is not None
+    broker = bench.new_broker()
+    db.reset()
+    config = bench.config(args.workers)
     total = int(args.rate * args.duration)
     sent: dict[int, float] = {}
     seen: dict[int, float] = {}
+    counts = Series(run.label, "count")
     stop = threading.Event()
+    late = 0
+
+    errors: list[Exception] = []
 
     def watch() -> None:
-        last = 0
-        conn = sqlite3.connect(bench.workdir / "bench.db", timeout=30)
-        while not stop.is_set():
-            rows = conn.execute(
-                "SELECT rowid, payload FROM events WHERE rowid > ? ORDER BY rowid", (last,)
-            ).fetchall()
-            now = time.perf_counter()
-            for rowid, payload in rows:
-                seen.setdefault(orjson.loads(payload)["seq"], now)
-                last = rowid
-            time.sleep(0.002)
-        conn.close()
+        nonlocal late
+        next_sample = 0.0
+        try:
+            reader = db.reader()
+            try:
+                while not stop.is_set():
+                    payloads = reader.new_payloads()
+                    now = time.perf_counter()
+                    for payload in payloads:
+                        seq = orjson.loads(payload).get("seq")
+                        if isinstance(seq, int):
+                            seen.setdefault(seq, now)
+                    if now >= next_sample:
+                        counts.points.append((now - ready_at, len(seen)))
+                        next_sample = now + SAMPLE_S
+                    time.sleep(0.002)
+            finally:
+                late = reader.late
+                reader.close()
+        except Exception as exc:
+            errors.append(exc)
 
-    with bench.gateway(config) as process:
+    with bench.gateway(config, workers=args.workers, profile_as=run.label) as gateway:
+        ready_at = time.perf_counter()
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-latency")
         client.max_inflight_messages_set(10_000)
-        client.connect("127.0.0.1", bench.broker.port)  # type: ignore[union-attr]
+        client.connect("127.0.0.1", broker.port)
         client.loop_start()
         interval = 1 / args.rate
         started = time.perf_counter()
@@ -327,17 +831,27 @@ def scenario_latency(bench: Bench) -> dict[str, Any]:
                 qos=args.qos,
             )
         achieved = total / (time.perf_counter() - started)
-        deadline = time.monotonic() + 30
-        while len(seen) < total and time.monotonic() < deadline:
+        deadline = time.monotonic() + min(30, args.timeout)
+        while len(seen) < total and not errors and time.monotonic() < deadline:
             time.sleep(0.01)
         stop.set()
-        watcher.join()
+        watcher.join(30)
+        if errors:
+            raise RuntimeError(f"latency watcher failed: {errors[0]!r}") from errors[0]
         client.disconnect()
         client.loop_stop()
-        stats = _proc_stats(process.pid)
+        stats = gateway.stats()
+        metrics = gateway.metrics()
     latencies = [(seen[s] - sent[s]) * 1000 for s in sent if s in seen]
-    return {
-        "scenario": "latency",
+    bench.series.append(counts)
+    bench.series.append(
+        Series(
+            run.label,
+            "latency",
+            [(sent[s] - started, (seen[s] - sent[s]) * 1000) for s in sent if s in seen],
+        )
+    )
+    result: dict[str, Any] = {
         "rate": args.rate,
         "achieved_rate": round(achieved),
         "messages": total,
@@ -345,15 +859,20 @@ def scenario_latency(bench: Bench) -> dict[str, Any]:
         "p50_ms": round(_percentile(latencies, 50), 2),
         "p95_ms": round(_percentile(latencies, 95), 2),
         "p99_ms": round(_percentile(latencies, 99), 2),
-        "max_ms": round(max(latencies), 2),
-        "peak_rss_mib": round(stats["peak_rss_mib"], 1),
+        "max_ms": round(max(latencies, default=float("nan")), 2),
     }
+    if db.kind == "postgresql":
+        result["late_found"] = late
+    return [{**result, **stats, **metrics}]
 
 
 async def _http_load(
-    port: int, path: str, body: bytes, requests: int, concurrency: int, token: str = ""
+    ports: list[int], path: str, body: bytes, requests: int, concurrency: int, token: str = ""
 ) -> tuple[list[float], int]:
-    """Keep-alive HTTP/1.1 clients on raw sockets (cheap enough not to be the bottleneck)."""
+    """Keep-alive HTTP/1.1 clients on raw sockets (cheap enough not to be the bottleneck).
+
+    Connection k goes to ``ports[k % len(ports)]``, so the workers share the load.
+    """
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -363,7 +882,7 @@ async def _http_load(
     failures = 0
     remaining = requests
 
-    async def worker() -> None:
+    async def worker(port: int) -> None:
         nonlocal remaining, failures
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while remaining > 0:
@@ -383,14 +902,16 @@ async def _http_load(
                 failures += 1
         writer.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(ports[k % len(ports)]) for k in range(concurrency)))
     return latencies, failures
 
 
-def scenario_http(bench: Bench) -> dict[str, Any]:
+def scenario_http(bench: Bench, run: Run) -> list[dict[str, Any]]:
     args = bench.args
-    bench.reset_db()
-    config = bench.config()
+    assert bench.db is not None
+    bench.new_broker()
+    bench.db.reset()
+    config = bench.config(args.workers)
     single = orjson.dumps({"topic": "devices/http-1/telemetry", "payload": {"temperature": 22.5}})
     batch = orjson.dumps(
         [
@@ -401,37 +922,225 @@ def scenario_http(bench: Bench) -> dict[str, Any]:
             for i in range(100)
         ]
     )
-    with bench.gateway(config) as process:
+    series = Series(run.label, "count")
+    with (
+        bench.gateway(config, workers=args.workers, profile_as=run.label) as gateway,
+        CountSampler(bench.db, series),
+    ):
         started = time.perf_counter()
         latencies, failures = asyncio.run(
             _http_load(
-                bench.http_port, "/api/v1/event", single, args.http_requests, args.http_concurrency
+                gateway.ports, "/api/v1/event", single, args.http_requests, args.http_concurrency
             )
         )
         single_rate = len(latencies) / (time.perf_counter() - started)
         batch_requests = max(10, args.http_requests // 100)
         started = time.perf_counter()
         batch_latencies, batch_failures = asyncio.run(
-            _http_load(bench.http_port, "/api/v1/events", batch, batch_requests, 4)
+            _http_load(gateway.ports, "/api/v1/events", batch, batch_requests, 4)
         )
         batch_rate = len(batch_latencies) * 100 / (time.perf_counter() - started)
-        stats = _proc_stats(process.pid)
+        stats = gateway.stats()
+        metrics = gateway.metrics()
+    bench.series.append(series)
+    return [
+        {
+            "requests": len(latencies),
+            "concurrency": args.http_concurrency,
+            "failures": failures + batch_failures,
+            "req_per_s": round(single_rate),
+            "p50_ms": round(_percentile(latencies, 50), 2),
+            "p95_ms": round(_percentile(latencies, 95), 2),
+            "p99_ms": round(_percentile(latencies, 99), 2),
+            "batch_events_per_s": round(batch_rate),
+            "batch_p95_ms": round(_percentile(batch_latencies, 95), 2),
+            **stats,
+            **metrics,
+        }
+    ]
+
+
+def _flood(bench: Bench, run: Run, workers: int) -> dict[str, Any]:
+    """Publish a QoS 0 flood at a gateway with ``workers`` workers; measure commits meanwhile.
+
+    ``events_per_s`` is what was committed while the publishers ran, over their run time;
+    ``overall_events_per_s`` is everything stored over the time to the last commit (what
+    the broker and the sockets buffered is committed after the flood, in ``catch_up_s``).
+    """
+    args = bench.args
+    assert bench.db is not None
+    broker = bench.new_broker()
+    bench.db.reset()
+    config = bench.config(workers, mqtt={"qos": 0})
+    total = args.messages // args.publishers * args.publishers
+    label = f"{run.label}-{workers}w"
+    series = Series(label, "count")
+    with (
+        bench.gateway(config, workers=workers, profile_as=label) as gateway,
+        CountSampler(bench.db, series) as sampler,
+    ):
+        publish_rate, started, finished = publish(broker.port, total, args.publishers, 0)
+        during = bench.db.count()  # the database was empty when the flood began
+        # Wait for the catch-up: all stored, or no growth for SETTLE_S (QoS 0 may lose some).
+        deadline = time.monotonic() + args.timeout
+        while sampler.latest < total and time.monotonic() < deadline:
+            sampler.check()
+            time.sleep(SAMPLE_S)
+            grown_at = next(
+                (t for t, count in reversed(series.points) if count < sampler.latest),
+                0.0,
+            )
+            if time.perf_counter() - sampler.started - grown_at > SETTLE_S:
+                break
+        stored = bench.db.count()
+        stats = gateway.stats()
+        metrics = gateway.metrics()
+    # The first sample that saw the final count, and the samples on the flood's clock.
+    last_commit = sampler.started + next(
+        (t for t, count in series.points if count >= stored), series.points[-1][0]
+    )
+    offset = started - sampler.started
+    series.points = [(t - offset, count) for t, count in series.points]
+    series.marks = [finished - started]
+    bench.series.append(series)
+    flood_s = finished - started
     return {
-        "scenario": "http",
-        "requests": len(latencies),
-        "concurrency": args.http_concurrency,
-        "failures": failures + batch_failures,
-        "req_per_s": round(single_rate),
-        "p50_ms": round(_percentile(latencies, 50), 2),
-        "p95_ms": round(_percentile(latencies, 95), 2),
-        "p99_ms": round(_percentile(latencies, 99), 2),
-        "batch_events_per_s": round(batch_rate),
-        "batch_p95_ms": round(_percentile(batch_latencies, 95), 2),
-        "peak_rss_mib": round(stats["peak_rss_mib"], 1),
+        "workers": workers,
+        "messages": total,
+        "qos": 0,
+        "events_per_s": round(during / flood_s),
+        "publish_rate": round(publish_rate),
+        "flood_s": round(flood_s, 2),
+        "overall_events_per_s": round(stored / max(last_commit - started, SAMPLE_S)),
+        "catch_up_s": round(max(0.0, last_commit - finished), 2),
+        "stored": stored,
+        "lost": total - stored,
+        **stats,
+        **metrics,
     }
 
 
-SCENARIOS = {"drain": scenario_drain, "latency": scenario_latency, "http": scenario_http}
+def _ratio(new: float, old: float) -> float | None:
+    return round(new / old, 2) if old else None
+
+
+def scenario_workers(bench: Bench, run: Run) -> list[dict[str, Any]]:
+    first = _flood(bench, run, 1)
+    second = _flood(bench, run, max(2, bench.args.workers))
+    second["vs_1_worker"] = _ratio(second["events_per_s"], first["events_per_s"])
+    second["overall_vs_1_worker"] = _ratio(
+        second["overall_events_per_s"], first["overall_events_per_s"]
+    )
+    return [first, second]
+
+
+SCENARIOS = {
+    "drain": scenario_drain,
+    "latency": scenario_latency,
+    "http": scenario_http,
+    "workers": scenario_workers,
+}
+
+
+def parse_only(text: str, postgres_default: bool) -> list[Run]:
+    """Resolve ``--only`` names and ids into runs, in order, each run once.
+
+    ``postgres_default`` is true when ``--database-url`` is given: then every run is on
+    PostgreSQL and P8 is the same run as drain.
+    """
+    runs: dict[tuple[str, bool], Run] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name = IDS.get(part.upper(), part.lower())
+        postgres = postgres_default or name == "drain-pg"
+        name = name.removesuffix("-pg")
+        if name not in SCENARIOS:
+            known = ", ".join([*SCENARIO_NAMES, *IDS])
+            raise ValueError(f"unknown scenario {part!r} (known: {known})")
+        run = runs.setdefault((name, postgres), Run(name, postgres=postgres))
+        if part.upper() in IDS:
+            run.ids.append(part.upper())
+    return list(runs.values())
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _rates(points: list[tuple[float, float]], window: float = 0.5) -> tuple[list[float], ...]:
+    """Events/s from cumulative counts, over a trailing window of ``window`` s.
+
+    The first points, before half a window has passed, are left out: one batch commit over
+    a single 50 ms sample would read as a spike.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    j = 0
+    for i in range(1, len(points)):
+        t, count = points[i]
+        while j < i - 1 and points[j + 1][0] <= t - window:
+            j += 1
+        t0, count0 = points[j]
+        if t - t0 >= window / 2:
+            xs.append(t)
+            ys.append((count - count0) / (t - t0))
+    return xs, ys
+
+
+def plot(series: list[Series], path: str, title: str) -> bool:
+    """Draw committed events/s and per-message latency over time into ``path`` (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError:
+        print("--plot needs matplotlib (pip install -e '.[dev]'); no plot written")
+        return False
+    counts = [s for s in series if s.kind == "count" and len(s.points) > 1]
+    latencies = [s for s in series if s.kind == "latency" and s.points]
+    panels = int(bool(counts)) + int(bool(latencies))
+    if not panels:
+        print("--plot: nothing to draw")
+        return False
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 4 * panels), squeeze=False)
+    column = list(axes[:, 0])
+    if counts:
+        ax = column.pop(0)
+        for s in counts:
+            xs, ys = _rates(s.points)
+            (line,) = ax.plot(xs, ys, label=s.label, linewidth=1.2)
+            for mark in s.marks:
+                ax.axvline(mark, color=line.get_color(), linestyle="--", linewidth=0.8)
+        heading = "events committed per second (0.5 s trailing window)"
+        if any(s.marks for s in counts):
+            heading += "; dashed: the flood's publishers are done"
+        ax.set_title(heading)
+        ax.set_xlabel("seconds since the gateway was ready (workers: since the flood began)")
+        ax.set_ylabel("events/s")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+    if latencies:
+        ax = column.pop(0)
+        for s in latencies:
+            xs = [p[0] for p in s.points]
+            ys = [p[1] for p in s.points]
+            ax.plot(xs, ys, ".", markersize=1.5, label=f"{s.label} ({len(ys)} messages)")
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_title("publish -> visible in the database, per message")
+        ax.set_xlabel("send time (s since the stream began)")
+        ax.set_ylabel("latency (ms, log)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="upper right", fontsize="small", markerscale=6)
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _versions() -> dict[str, str]:
@@ -440,6 +1149,7 @@ def _versions() -> dict[str, str]:
         "gmqtt",
         "sqlalchemy",
         "aiosqlite",
+        "asyncpg",
         "fastapi",
         "uvicorn",
         "orjson",
@@ -457,16 +1167,36 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _has_workers_flag() -> bool:
+    """Whether this flux's ``run`` takes ``--workers``."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "flux", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    ).stdout
+    return "--workers" in help_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--only",
         default="drain,latency,http",
-        help="comma-separated scenarios: drain, latency, http",
+        help="comma-separated scenarios or ids: drain, latency, http, workers; "
+        "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL "
+        "(default: drain,latency,http)",
     )
-    parser.add_argument("--messages", type=int, default=100_000, help="backlog size for drain")
-    parser.add_argument("--publishers", type=int, default=4, help="publisher processes (drain)")
-    parser.add_argument("--qos", type=int, default=1, choices=[0, 1])
+    parser.add_argument(
+        "--messages", type=int, default=100_000, help="backlog (drain) or flood (workers) size"
+    )
+    parser.add_argument(
+        "--publishers", type=int, default=4, help="publisher processes (drain, workers)"
+    )
+    parser.add_argument("--qos", type=int, default=1, choices=[0, 1], help="drain and latency")
     parser.add_argument("--rate", type=float, default=5000, help="paced rate for latency (msg/s)")
     parser.add_argument("--duration", type=float, default=10, help="seconds of paced load")
     parser.add_argument("--http-requests", type=int, default=20_000)
@@ -477,37 +1207,126 @@ def main() -> int:
     parser.add_argument(
         "--plugin", default="enrich", help="shipped plugin to run on telemetry ('' = none)"
     )
-    parser.add_argument("--database-url", default="", help="PostgreSQL URL instead of SQLite")
-    parser.add_argument("--timeout", type=float, default=300, help="cap per scenario (s)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway worker processes (flux run --workers N) for drain, latency and http; "
+        "the workers scenario compares 1 with max(2, N)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="postgresql+asyncpg://... server to run every scenario on, in a scratch database "
+        "created and dropped by the bench (default: SQLite in a temp dir)",
+    )
+    parser.add_argument("--timeout", type=float, default=300, help="cap per wait (s)")
     parser.add_argument("--output", default="bench-results.json")
+    parser.add_argument(
+        "--plot", default="", help="PNG of events/s and latency over time (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy collapsed stacks of each measured gateway (all workers) to this file",
+    )
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
+    if args.database_url and not args.database_url.startswith("postgresql"):
+        parser.error("--database-url takes a PostgreSQL URL (SQLite is the default)")
+    if args.workers < 1 or args.publishers < 1 or args.messages < args.publishers:
+        parser.error("--workers and --publishers must be >= 1, --messages >= --publishers")
+    try:
+        runs = parse_only(args.only, bool(args.database_url))
+    except ValueError as exc:
+        parser.error(str(exc))
     if shutil.which("mosquitto") is None:
         print("benchmark.sh needs mosquitto on PATH (Debian: apt-get install mosquitto)")
         return 2
+    if args.profile and shutil.which("py-spy") is None:
+        print("--profile needs py-spy on PATH (pip install py-spy)")
+        return 2
+    skips: dict[str, str] = {}
+    wants_workers = args.workers > 1 or any(run.scenario == "workers" for run in runs)
+    if wants_workers and not _has_workers_flag():
+        if args.workers > 1:
+            print("this flux's `run` has no --workers; run without --workers")
+            return 2
+        skips["workers"] = "this flux's `run` has no --workers yet"
     bench = Bench(args=args)
-    bench.broker = PrivateMosquitto(persistent=True)
-    bench.broker.start()
-    wait_port("127.0.0.1", bench.broker.port)
+    bench.profile_each = len(runs) > 1 or any(run.scenario == "workers" for run in runs)
+    sqlite_db = Database(
+        f"sqlite+aiosqlite:///{bench.workdir}/bench.db", bench.workdir / "bench.db"
+    )
     results: list[dict[str, Any]] = []
-    try:
-        for name in [part.strip() for part in args.only.split(",") if part.strip()]:
-            print(f"-- {name} ...", flush=True)
-            result = SCENARIOS[name](bench)
-            print("   " + json.dumps(result), flush=True)
-            results.append(result)
-    finally:
-        bench.broker.cleanup()
+    failed = False
+    loadavg = os.getloadavg()
+    with ExitStack() as stack:
+        stack.callback(bench.close_broker)
+        postgres: Database | None = None
+        if any(run.postgres for run in runs):
+            scratch = ScratchPostgres(args.database_url or DEFAULT_PG_URL)
+            reason = scratch.probe()
+            if reason and args.database_url:
+                print(reason)
+                return 2
+            if reason:
+                skips["pg"] = f"P8 needs --database-url; default: {reason}"
+            else:
+                stack.enter_context(scratch)
+                postgres = Database(scratch.url)
+                print(f"PostgreSQL scratch database {scratch.name} (dropped at the end)")
+        for run in runs:
+            run.workers = 1 if run.scenario == "workers" else args.workers
+            head: dict[str, Any] = {
+                "scenario": run.scenario,
+                "ids": "/".join(run.ids),
+                "database": "postgresql" if run.postgres else "sqlite",
+                "workers": args.workers,
+            }
+            print(f"-- {run.label} {head['ids']} ...", flush=True)
+            reason = skips.get(run.scenario) or (skips.get("pg", "") if run.postgres else "")
+            if reason:
+                rows = [{"skipped": reason}]
+            else:
+                bench.db = postgres if run.postgres else sqlite_db
+                try:
+                    rows = SCENARIOS[run.scenario](bench, run)
+                except Exception as exc:  # report it, keep the work dir, run the next one
+                    failed = True
+                    print(f"   {run.label} failed: {exc}\n   work dir kept: {bench.workdir}")
+                    rows = [{"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}]
+            for row in rows:
+                result = {**head, **row}
+                print("   " + json.dumps(result), flush=True)
+                results.append(result)
+    machine = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_1m_at_start": round(loadavg[0], 2),
+    }
     report = {
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine,
         "versions": _versions(),
-        "settings": vars(args),
+        "settings": {**vars(args), "database_url": _redact(args.database_url)},
         "results": results,
     }
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nmachine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, load {loadavg[0]:.2f}")
     for result in results:
         print(" | ".join(f"{key}={value}" for key, value in result.items()))
     print(f"results written to {args.output}")
+    if args.plot:
+        title = f"flux bench: {machine['cpu']}, {machine['cores']} cores, {time.strftime('%F %R')}"
+        if plot(bench.series, args.plot, title):
+            print(f"plot written to {args.plot}")
+    if failed:
+        return 1
     shutil.rmtree(bench.workdir, ignore_errors=True)
     return 0
 
