@@ -101,7 +101,7 @@ class EventBusConfig(_Section):
 class DatabaseConfig(_Section):
     url: str = "sqlite+aiosqlite:///data/flux.db"
     batch_size: int = Field(500, ge=1, le=50_000)
-    flush_interval_ms: int = Field(20, ge=1, le=60_000)
+    flush_interval_ms: int = Field(1, ge=1, le=60_000)
     retention_days: int = Field(30, ge=0)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retry_max_delay_s: float = Field(10.0, gt=0)

@@ -46,7 +46,9 @@ plugin pool hits / (hits + misses), and the rule evaluation cost from the
 Lua call of all rules over a batch of events) and ``rule_eval_us_per_event`` (sum / events
 evaluated, where events evaluated is the largest per-rule ``flux_rule_evaluations_total``:
 every generated rule has the same topic filter), and ``rule_batch_events`` (events per
-batch). ``null`` where nothing ran (no plugin, no rules).
+batch); from ``flux_db_query_duration_seconds{operation="write_batch"}`` and
+``flux_db_batch_size``: ``store_commit_ms`` (mean time of one batch insert + commit) and
+``store_batch_events`` (rows per committed batch). ``null`` where nothing ran.
 
 ``--plot FILE.png`` draws committed events/s over time (the stored count is sampled every
 50 ms in drain, http and workers, and by the latency watcher) and per-message latency over
@@ -482,10 +484,11 @@ class Gateway:
 
 
 def gateway_metrics(ports: list[int]) -> dict[str, Any]:
-    """Pool hit ratio and rule evaluation cost from /metrics, summed over the workers."""
+    """Pool hit ratio, rule evaluation cost and store commit cost from /metrics, summed over
+    the workers."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    hits = misses = eval_sum = eval_count = 0.0
+    hits = misses = eval_sum = eval_count = write_sum = write_count = rows = batches = 0.0
     per_rule: dict[str, float] = {}
     for port in ports:
         try:
@@ -503,6 +506,15 @@ def gateway_metrics(ports: list[int]) -> dict[str, Any]:
                     eval_sum += sample.value
                 elif sample.name == "flux_rule_eval_seconds_count":
                     eval_count += sample.value
+                elif sample.labels.get("operation") == "write_batch":
+                    if sample.name == "flux_db_query_duration_seconds_sum":
+                        write_sum += sample.value
+                    elif sample.name == "flux_db_query_duration_seconds_count":
+                        write_count += sample.value
+                elif sample.name == "flux_db_batch_size_sum":
+                    rows += sample.value
+                elif sample.name == "flux_db_batch_size_count":
+                    batches += sample.value
                 elif sample.name == "flux_rule_evaluations_total":
                     rule = sample.labels.get("rule", "")
                     per_rule[rule] = per_rule.get(rule, 0.0) + sample.value
@@ -512,6 +524,8 @@ def gateway_metrics(ports: list[int]) -> dict[str, Any]:
         "rule_eval_us_per_event": round(eval_sum / events * 1e6, 2) if events else None,
         "rule_eval_us_per_batch": round(eval_sum / eval_count * 1e6, 1) if eval_count else None,
         "rule_batch_events": round(events / eval_count, 1) if eval_count else None,
+        "store_commit_ms": round(write_sum / write_count * 1e3, 2) if write_count else None,
+        "store_batch_events": round(rows / batches, 1) if batches else None,
     }
 
 
