@@ -118,7 +118,11 @@ class Gateway:
         await upgrade_async(settings.database)
         self.engine = create_engine(settings.database)
         self.writer = await self._stack.enter_async_context(
-            StoreWriter(engine=self.engine, retry_max_delay_s=settings.database.retry_max_delay_s)
+            StoreWriter(
+                engine=self.engine,
+                retry_max_delay_s=settings.database.retry_max_delay_s,
+                sqlite_synchronous=settings.database.sqlite_synchronous,
+            )
         )
         self.bus.subscribe(
             STORE_SUBSCRIBER,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -36,8 +36,9 @@ from flux.metrics import (
     DEAD_LETTERS,
     DEGRADED,
 )
-from flux.store.database import json_text, writer_connection
+from flux.store.database import sqlite_path, writer_connection
 from flux.store.schema import alerts, dead_letters, devices, events
+from flux.store.sqlite_batch import DeviceSummary, SqliteBatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,54 +53,6 @@ def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-#: The events insert on SQLite, sent straight to the driver (``executemany`` over tuples):
-#: SQLAlchemy's per-row parameter processing cost more than the insert itself.
-_SQLITE_INSERT_EVENTS = (
-    "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-class _SqliteTime:
-    """Format timestamps as SQLAlchemy stores ``DateTime`` on SQLite (UTC, microseconds),
-    formatting the date and time part once per second."""
-
-    __slots__ = ("_prefix", "_second")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, timestamp: float) -> str:
-        # Round exactly as datetime.fromtimestamp does: the fraction, half to even.
-        fraction, whole = math.modf(timestamp)
-        second, micro = int(whole), round(fraction * 1_000_000)
-        if micro >= 1_000_000:
-            second, micro = second + 1, micro - 1_000_000
-        elif micro < 0:
-            second, micro = second - 1, micro + 1_000_000
-        if second != self._second:
-            self._second = second
-            self._prefix = _utc(second).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{self._prefix}.{micro:06d}"
-
-
-def _sqlite_event_rows(batch: Sequence[Event]) -> list[tuple[Any, ...]]:
-    sqlite_time = _SqliteTime()
-    return [
-        (
-            event.id,
-            event.device_id,
-            event.topic,
-            json_text(event.payload),
-            sqlite_time(event.received_at),
-            event.source,
-            event.hops,
-        )
-        for event in batch
-    ]
-
-
 def _event_row(event: Event) -> dict[str, Any]:
     return {
         "id": event.id,
@@ -112,34 +65,36 @@ def _event_row(event: Event) -> dict[str, Any]:
     }
 
 
-def _device_rows(batch: Sequence[Event]) -> list[dict[str, Any]]:
-    """Fold a batch into one row per device (first/last seen, count, last payload).
+def _device_summaries(batch: Sequence[Event]) -> list[DeviceSummary]:
+    """Fold a batch into one entry per device (first/last seen, count, last payload), in
+    device order (one lock order across workers).
 
     Only messages the device sent count (hop 0): derived events (decoded, enriched,
     statistics) are stored as events but are not the device's messages.
     """
-    summary: dict[str, dict[str, Any]] = {}
+    summary: dict[str, list[Any]] = {}
     for event in batch:
         if event.device_id is None or event.hops:
             continue
-        row = summary.get(event.device_id)
-        if row is None:
-            summary[event.device_id] = {
-                "id": event.device_id,
-                "first_seen": event.received_at,
-                "last_seen": event.received_at,
-                "message_count": 1,
-                "last_payload": event.payload,
-            }
+        entry = summary.get(event.device_id)
+        if entry is None:
+            summary[event.device_id] = [event.received_at, event.received_at, 1, event.payload]
         else:
-            row["last_seen"] = max(row["last_seen"], event.received_at)
-            row["message_count"] += 1
-            row["last_payload"] = event.payload
-    rows = [summary[key] for key in sorted(summary)]  # one lock order across workers
-    for row in rows:
-        row["first_seen"] = _utc(row["first_seen"])
-        row["last_seen"] = _utc(row["last_seen"])
-    return rows
+            entry[1] = max(entry[1], event.received_at)
+            entry[2] += 1
+            entry[3] = event.payload
+    return [(device, *summary[device]) for device in sorted(summary)]
+
+
+def _device_row(device: DeviceSummary) -> dict[str, Any]:
+    device_id, first, last, count, payload = device
+    return {
+        "id": device_id,
+        "first_seen": _utc(first),
+        "last_seen": _utc(last),
+        "message_count": count,
+        "last_payload": payload,
+    }
 
 
 def _storable_text(text: str) -> str:
@@ -161,7 +116,9 @@ def _dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
 
 def _is_outage(exc: BaseException) -> bool:
     """Tell a database that is away (retry later) from one that rejects the data (never)."""
-    if isinstance(exc, OperationalError | OSError | ConnectionError | TimeoutError):
+    if isinstance(
+        exc, OperationalError | sqlite3.OperationalError | OSError | ConnectionError | TimeoutError
+    ):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
@@ -171,12 +128,22 @@ def _is_outage(exc: BaseException) -> bool:
 class StoreWriter:
     """Write event batches and dead letters, retrying through outages, acking after commit."""
 
-    def __init__(self, *, engine: AsyncEngine, retry_max_delay_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        retry_max_delay_s: float = 10.0,
+        sqlite_synchronous: str = "FULL",
+    ) -> None:
         self._engine = engine
         self._retry_max_delay_s = retry_max_delay_s
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._sqlite = dialect == "sqlite"
+        path = sqlite_path(str(engine.url)) if dialect == "sqlite" else None
+        # Event batches on a SQLite file take the one-hop path (``flux.store.sqlite_batch``).
+        self._sqlite_batches = (
+            SqliteBatchWriter(path, synchronous=sqlite_synchronous) if path is not None else None
+        )
         self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
         self.available = True
@@ -200,6 +167,8 @@ class StoreWriter:
             await self._drain_dead_letters(timeout=5.0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if self._sqlite_batches is not None:
+            await self._sqlite_batches.close()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -207,7 +176,7 @@ class StoreWriter:
         """Commit ``batch`` (retrying through outages), then acknowledge it in arrival order."""
         if not batch:
             return
-        rejected = await self._with_retry(partial(self._insert_events, batch=batch))
+        rejected = await self._with_retry(self._events_attempt(batch))
         if rejected:
             await self._isolate_rejected(batch)
         faults.hit("after_commit")
@@ -216,18 +185,21 @@ class StoreWriter:
             event.ack()
             faults.hit("mid_ack")
 
+    def _events_attempt(self, batch: Sequence[Event]) -> Callable[[], Awaitable[None]]:
+        """One try at committing ``batch`` and its device rows."""
+        if self._sqlite_batches is not None:
+            return partial(self._sqlite_batches.write, batch, _device_summaries(batch))
+        return self._transaction(partial(self._insert_events, batch=batch))
+
     async def _insert_events(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
-        if self._sqlite:
-            await conn.exec_driver_sql(_SQLITE_INSERT_EVENTS, _sqlite_event_rows(batch))
-        else:
-            await conn.execute(insert(events), [_event_row(event) for event in batch])
-        device_rows = _device_rows(batch)
+        await conn.execute(insert(events), [_event_row(event) for event in batch])
+        device_rows = [_device_row(device) for device in _device_summaries(batch)]
         if device_rows:
             statement = self._insert(devices)
             incoming = statement.excluded
             newer = incoming.last_seen >= devices.c.last_seen
-            # Several writers (``flux run --workers``) may commit a device's batches out of
-            # order: first_seen only moves back, last_seen and last_payload only forward.
+            # As in ``flux.store.sqlite_batch.UPSERT_DEVICES``: several writers may commit a
+            # device's batches out of order.
             statement = statement.on_conflict_do_update(
                 index_elements=[devices.c.id],
                 set_={
@@ -253,7 +225,7 @@ class StoreWriter:
         database cannot refuse it for the content that got the event refused.
         """
         for event in batch:
-            rejected = await self._with_retry(partial(self._insert_events, batch=[event]))
+            rejected = await self._with_retry(self._events_attempt([event]))
             if rejected:
                 letter = DeadLetter(
                     topic=event.topic,
@@ -263,7 +235,9 @@ class StoreWriter:
                     received_at=event.received_at,
                     source=event.source,
                 )
-                refused = await self._with_retry(partial(self._insert_dead_letters, batch=[letter]))
+                refused = await self._with_retry(
+                    self._transaction(partial(self._insert_dead_letters, batch=[letter]))
+                )
                 if refused:
                     # Should be impossible; never acknowledge what is stored nowhere.
                     raise StoreUnavailable(f"the database refused a dead letter: {refused}")
@@ -274,7 +248,7 @@ class StoreWriter:
     async def write_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Commit alert rows (retrying through outages)."""
         if rows:
-            await self._with_retry(partial(self._insert_alerts, rows=rows))
+            await self._with_retry(self._transaction(partial(self._insert_alerts, rows=rows)))
 
     async def _insert_alerts(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
         await conn.execute(insert(alerts), list(rows))
@@ -298,7 +272,9 @@ class StoreWriter:
             batch = [await self._dead_letters.get()]
             while len(batch) < _DEAD_LETTER_BATCH and not self._dead_letters.empty():
                 batch.append(self._dead_letters.get_nowait())
-            rejected = await self._with_retry(partial(self._insert_dead_letters, batch=batch))
+            rejected = await self._with_retry(
+                self._transaction(partial(self._insert_dead_letters, batch=batch))
+            )
             if rejected:
                 log.error("dropping %d dead letters the database refused: %s", len(batch), rejected)
             for letter in batch:
@@ -315,8 +291,23 @@ class StoreWriter:
 
     # -- retry ----------------------------------------------------------------------------
 
-    async def _with_retry(self, work: Callable[[AsyncConnection], Awaitable[None]]) -> str | None:
-        """Run ``work`` in a write transaction until it commits.
+    def _transaction(
+        self, work: Callable[[AsyncConnection], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """One try at running ``work`` in a SQLAlchemy write transaction."""
+
+        async def attempt() -> None:
+            conn = await writer_connection(self._engine)
+            try:
+                async with conn.begin():
+                    await work(conn)
+            finally:
+                await conn.close()
+
+        return attempt
+
+    async def _with_retry(self, attempt: Callable[[], Awaitable[None]]) -> str | None:
+        """Run ``attempt`` (one write transaction) until it commits.
 
         Return None on commit, or the error text when the database rejects the data itself
         (retrying would never help). Outages are retried with capped, jittered backoff.
@@ -325,13 +316,15 @@ class StoreWriter:
         while True:
             started = time.perf_counter()
             try:
-                conn = await writer_connection(self._engine)
-                try:
-                    async with conn.begin():
-                        await work(conn)
-                finally:
-                    await conn.close()
-            except (IntegrityError, StatementError, DBAPIError, OSError, JSONEncodeError) as exc:
+                await attempt()
+            except (
+                IntegrityError,
+                StatementError,
+                DBAPIError,
+                sqlite3.Error,
+                OSError,
+                JSONEncodeError,
+            ) as exc:
                 if not _is_outage(exc):
                     return str(getattr(exc, "orig", exc) or exc)
                 DB_WRITE_ERRORS.inc()

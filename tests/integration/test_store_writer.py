@@ -1,7 +1,8 @@
-"""The batched writer stores what SQLAlchemy would, on SQLite (driver fast path) and PostgreSQL.
+"""The batched writer stores what SQLAlchemy would, on SQLite (one-hop path) and PostgreSQL.
 
-On SQLite events go to the driver as tuples, bypassing SQLAlchemy's row processing; reading
-them back through SQLAlchemy must give the same values the Core insert would have stored.
+On SQLite events go to sqlite3 as tuples on the writer's own thread, bypassing SQLAlchemy;
+reading them back through SQLAlchemy must give the same values the Core insert would have
+stored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from flux.events import Event, derive_event, make_event
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
 from flux.store.schema import dead_letters, devices, events
-from flux.store.writer import REASON_STORE_REJECTED, StoreWriter, _SqliteTime, _utc
+from flux.store.sqlite_batch import SqliteTime
+from flux.store.writer import REASON_STORE_REJECTED, StoreWriter, _utc
 
 
 def _batch() -> list[Event]:
@@ -155,4 +157,4 @@ async def test_postgresql_device_rows_only_move_forward(pg_url: str) -> None:
 def test_sqlite_time_rounds_like_datetime(timestamp: float) -> None:
     """The writer's own timestamp text equals SQLAlchemy's (via datetime) to the microsecond."""
     expected = _utc(timestamp).strftime("%Y-%m-%d %H:%M:%S.%f")
-    assert _SqliteTime()(timestamp) == expected
+    assert SqliteTime()(timestamp) == expected
