@@ -1,9 +1,11 @@
 """Speed of the plugin call path (pytest-benchmark; no timing assertions).
 
 Run: pytest tests/plugins/test_bench_plugins.py --benchmark-only
-Compare ``raw_generic`` (wasmtime-py ``Func.__call__``) with ``raw_unchecked`` (the fast path
-alone), ``instance_call`` (fast path + copy-in + fuel + bounds checks) and the manager rows
-(pool acquire/release, metrics, derived events); ``*_x100`` rows are per 100 messages.
+Compare ``raw_generic`` (wasmtime-py ``Func.__call__``) with ``raw_unchecked`` (the fast
+path alone), ``raw_unchecked_copy_in_out`` (plus copying the message in and out: the
+issue's reference), ``instance_call`` (fast path + copy-in + fuel + bounds checks) and the
+manager rows (pool acquire/release, metrics, derived events); ``*_x100`` rows are per 100
+messages.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def test_raw_unchecked(benchmark: Any, noop_instance: PluginInstance) -> None:
         return int(args[0].i64)
 
     assert benchmark(call) == 0
+
+
+def test_raw_unchecked_copy_in_out(benchmark: Any, noop_instance: PluginInstance) -> None:
+    """The issue's reference "raw wasmtime call with copy-in/out": the bare fast path plus
+    copying the message into linear memory and as many bytes back out."""
+    inst = noop_instance
+    args = inst._args
+    size = len(MESSAGE)
+
+    def call() -> bytes:
+        base = fast._memory_data(inst._ctx, inst._mem)
+        fast._memmove(base + 4096, MESSAGE, size)
+        fast._set_fuel(inst._ctx, 1_000_000)
+        args[0].i32 = 4096
+        args[1].i32 = size
+        fast._call_unchecked(inst._ctx, inst._on_msg, inst._args_addr, 2, inst._trap_addr)
+        return fast._string_at(fast._memory_data(inst._ctx, inst._mem) + 4096, size)
+
+    assert benchmark(call) == MESSAGE
 
 
 def test_instance_call(benchmark: Any, noop_instance: PluginInstance) -> None:
