@@ -169,12 +169,12 @@ def decode_payload(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
             f"payload must be a JSON object, got {type(value).__name__}",
             reason=REASON_NOT_AN_OBJECT,
         )
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nesting_depth(value) > MAX_DEPTH:
         raise InvalidEvent(f"payload nests deeper than {MAX_DEPTH} levels", reason=REASON_TOO_DEEP)
     return value
 
 
-def _depth(value: Any) -> int:
+def nesting_depth(value: Any) -> int:
     """Nesting depth of a decoded JSON value (iterative: no recursion limit to hit)."""
     deepest = 0
     stack = [(value, 1)]
@@ -266,6 +266,7 @@ def derive_event(parent: Event, *, topic: str, payload: dict[str, Any]) -> Event
 
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_TOPIC_LENGTH",
     "DeadLetter",
     "Event",
@@ -274,5 +275,6 @@ __all__ = [
     "derive_event",
     "device_id_for",
     "make_event",
+    "nesting_depth",
     "new_event_id",
 ]

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flux import __version__
 from flux.api import devices, ingest, plugins, rules
 from flux.api.auth import require_token
+from flux.api.fast_ingest import FastIngest
 from flux.errors import FluxError
 from flux.metrics import HTTP_REQUEST_DURATION
 
@@ -70,6 +71,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     )
     api.state.gateway = gateway
     api.add_middleware(_RequestMetrics)
+    api.add_middleware(FastIngest, gateway=gateway)  # outermost: before the metrics layer
 
     @api.exception_handler(FluxError)
     async def _flux_error(_request: Request, exc: FluxError) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Body, Request, Response
@@ -12,7 +12,18 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from flux.errors import InvalidEvent, NotReady, StoreUnavailable
-from flux.events import DeadLetter, Event, FutureAck, make_event
+from flux.events import (
+    MAX_DEPTH,
+    REASON_TOO_DEEP,
+    DeadLetter,
+    Event,
+    FutureAck,
+    make_event,
+    nesting_depth,
+)
+
+if TYPE_CHECKING:
+    from flux.app import Gateway
 
 
 class _StrictJsonRoute(APIRoute):
@@ -61,23 +72,29 @@ class StoredEvents(BaseModel):
     ids: list[str]
 
 
-def _to_event(item: EventIn, *, max_bytes: int, index: int | None = None) -> Event:
+def to_event(
+    topic: str, payload: dict[str, Any], *, max_bytes: int, index: int | None = None
+) -> Event:
+    """Turn a posted event into an Event exactly as an MQTT message would be (or raise)."""
     where = f"events[{index}]: " if index is not None else ""
     try:
-        raw = orjson.dumps(item.payload)
+        raw = orjson.dumps(payload)
     except orjson.JSONEncodeError as exc:
+        if nesting_depth(payload) > MAX_DEPTH:  # as over MQTT (decode_payload)
+            raise InvalidEvent(
+                f"{where}payload nests deeper than {MAX_DEPTH} levels", reason=REASON_TOO_DEEP
+            ) from None
         raise InvalidEvent(
             f"{where}payload cannot be stored: {exc}", reason="invalid_json"
         ) from None
-    created = make_event(item.topic, raw, max_bytes=max_bytes, source="http")
+    created = make_event(topic, raw, max_bytes=max_bytes, source="http")
     if isinstance(created, DeadLetter):
         raise InvalidEvent(where + created.detail, reason=created.reason)
     return created
 
 
-async def _store(request: Request, batch: list[Event]) -> None:
+async def store(gateway: Gateway, batch: list[Event]) -> None:
     """Publish ``batch`` and wait until every event is committed."""
-    gateway = request.app.state.gateway
     if not gateway.accepting:
         raise NotReady("the gateway is not accepting events (starting or stopping)")
     loop = asyncio.get_running_loop()
@@ -111,8 +128,8 @@ async def _store(request: Request, batch: list[Event]) -> None:
 async def post_event(request: Request, item: Annotated[EventIn, Body()]) -> StoredEvent:
     """Ingest one event; 201 once it is committed to the database."""
     max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
-    event = _to_event(item, max_bytes=max_bytes)
-    await _store(request, [event])
+    event = to_event(item.topic, item.payload, max_bytes=max_bytes)
+    await store(request.app.state.gateway, [event])
     return StoredEvent(id=event.id, topic=event.topic, device_id=event.device_id)
 
 
@@ -128,9 +145,12 @@ async def post_events(
 ) -> StoredEvents:
     """Ingest a batch in order; validated as a whole (one bad event rejects the batch)."""
     max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
-    batch = [_to_event(item, max_bytes=max_bytes, index=i) for i, item in enumerate(items)]
-    await _store(request, batch)
+    batch = [
+        to_event(item.topic, item.payload, max_bytes=max_bytes, index=i)
+        for i, item in enumerate(items)
+    ]
+    await store(request.app.state.gateway, batch)
     return StoredEvents(count=len(batch), ids=[event.id for event in batch])
 
 
-__all__ = ["router"]
+__all__ = ["router", "store", "to_event"]

@@ -79,6 +79,29 @@ async def test_invalid_events_get_a_json_4xx_and_nothing_is_stored(
     assert (await api.get("/api/v1/devices/x/events")).json() == []
 
 
+async def test_the_short_ingest_path_answers_as_fastapi_does(api: Any) -> None:
+    """``flux.api.fast_ingest`` takes exactly ``{"topic", "payload"}``; an extra key sends the
+    same event through FastAPI. Both must answer alike, for success and for refusal."""
+    dev = unique("dev")
+    topic = f"devices/{dev}/telemetry"
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    answers = []
+    for extra in ({}, {"note": "through FastAPI"}):
+        ok = await api.post("/api/v1/event", json={"topic": topic, "payload": {"t": 1}, **extra})
+        refused = await api.post("/api/v1/event", json={"topic": topic, "payload": deep, **extra})
+        assert ok.status_code == 201 and refused.status_code == 422
+        answers.append((sorted(ok.json()), ok.json()["device_id"], refused.json()))
+    assert answers[0] == answers[1]
+    assert answers[0][2]["reason"] == "too_deep"
+    events = (await api.get(f"/api/v1/devices/{dev}/events")).json()
+    assert [e["payload"] for e in events] == [{"t": 1}, {"t": 1}]
+    metrics = (await api.get("/metrics")).text
+    assert 'route="/api/v1/event",status="201"' in metrics
+    assert 'route="/api/v1/event",status="422"' in metrics
+
+
 async def test_a_bad_event_rejects_the_whole_batch(api: Any) -> None:
     dev = unique("dev")
     items: list[dict[str, Any]] = [
