@@ -409,11 +409,14 @@ def tune_garbage_collector() -> None:
 async def run(settings: Settings) -> None:
     """Run the gateway until SIGINT or SIGTERM, then stop in stages."""
     loop = asyncio.get_running_loop()
-    async with Gateway(settings=settings) as gateway:
+    gateway = Gateway(settings=settings)
+    # Handlers before start-up: a signal arriving while the gateway starts (/ready may
+    # already answer) must stop it in stages, not kill it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, gateway.request_stop)
+    async with gateway:
         tune_garbage_collector()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, gateway.request_stop)
         await gateway.wait_stopped()
         log.info("stopping: intake off, draining the bus")
 

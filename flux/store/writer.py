@@ -176,6 +176,9 @@ class StoreWriter:
         """Commit ``batch`` (retrying through outages), then acknowledge it in arrival order."""
         if not batch:
             return
+        # One loop turn first: the PUBACKs the previous batch released are written out before
+        # this one's transaction starts, so a crash during it redelivers only this batch.
+        await asyncio.sleep(0)
         rejected = await self._with_retry(self._events_attempt(batch))
         if rejected:
             await self._isolate_rejected(batch)
