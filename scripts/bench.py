@@ -488,7 +488,7 @@ def gateway_metrics(ports: list[int]) -> dict[str, Any]:
     the workers."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    hits = misses = eval_sum = eval_count = write_sum = write_count = rows = batches = 0.0
+    sums: dict[str, float] = {}
     per_rule: dict[str, float] = {}
     for port in ports:
         try:
@@ -498,26 +498,19 @@ def gateway_metrics(ports: list[int]) -> dict[str, Any]:
             return {"metrics_error": f"port {port}: {exc}"}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "flux_plugin_pool_hits_total":
-                    hits += sample.value
-                elif sample.name == "flux_plugin_pool_misses_total":
-                    misses += sample.value
-                elif sample.name == "flux_rule_eval_seconds_sum":
-                    eval_sum += sample.value
-                elif sample.name == "flux_rule_eval_seconds_count":
-                    eval_count += sample.value
-                elif sample.labels.get("operation") == "write_batch":
-                    if sample.name == "flux_db_query_duration_seconds_sum":
-                        write_sum += sample.value
-                    elif sample.name == "flux_db_query_duration_seconds_count":
-                        write_count += sample.value
-                elif sample.name == "flux_db_batch_size_sum":
-                    rows += sample.value
-                elif sample.name == "flux_db_batch_size_count":
-                    batches += sample.value
-                elif sample.name == "flux_rule_evaluations_total":
+                if sample.name == "flux_rule_evaluations_total":
                     rule = sample.labels.get("rule", "")
                     per_rule[rule] = per_rule.get(rule, 0.0) + sample.value
+                elif sample.labels.get("operation", "write_batch") == "write_batch":
+                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    hits = sums.get("flux_plugin_pool_hits_total", 0.0)
+    misses = sums.get("flux_plugin_pool_misses_total", 0.0)
+    eval_sum = sums.get("flux_rule_eval_seconds_sum", 0.0)
+    eval_count = sums.get("flux_rule_eval_seconds_count", 0.0)
+    write_sum = sums.get("flux_db_query_duration_seconds_sum", 0.0)
+    write_count = sums.get("flux_db_query_duration_seconds_count", 0.0)
+    rows = sums.get("flux_db_batch_size_sum", 0.0)
+    batches = sums.get("flux_db_batch_size_count", 0.0)
     events = max(per_rule.values(), default=0.0)
     return {
         "pool_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,

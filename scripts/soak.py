@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import Bench, _cpu_model, _versions  # noqa: E402
+from bench import Bench, Database, _cpu_model, _versions  # noqa: E402
 
-from tests.support import PrivateMosquitto, telemetry, wait_port  # noqa: E402
+from tests.support import telemetry  # noqa: E402
 
 #: Series that must stay flat in a healthy soak (second-half slope per minute, threshold).
 #: Tasks are judged idle before the load against idle after it (see ``main``).
@@ -118,6 +118,7 @@ def _proc(pid: int) -> dict[str, float]:
 
 def sample(bench: Bench, pid: int, load: Load, started: float) -> dict[str, Any]:
     """One row: process figures from /proc, the rest from the gateway's own API."""
+    assert bench.db is not None
     row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), **_proc(pid)}
     status = _get_json(bench.http_port, "/api/v1/status")
     plugins = _get_json(bench.http_port, "/api/v1/plugins")["plugins"]
@@ -129,7 +130,7 @@ def sample(bench: Bench, pid: int, load: Load, started: float) -> dict[str, Any]
     row["plugin_recycles"] = sum(sum(p["pool"]["recycles"].values()) for p in plugins)
     row["sent"] = load.sent
     row["acked_by_broker"] = load.acked
-    row["stored"] = bench.db_count()
+    row["stored"] = bench.db.count()
     row["lag"] = row["acked_by_broker"] - row["stored"]
     return row
 
@@ -183,18 +184,22 @@ def main() -> int:
     parser.add_argument("--output", default="soak-results.json")
     args = parser.parse_args()
     args.qos = 1
+    args.profile = ""
     bench = Bench(args=args)
-    bench.broker = PrivateMosquitto(persistent=True)
-    bench.broker.start()
-    wait_port("127.0.0.1", bench.broker.port)
+    broker = bench.new_broker()
+    bench.db = (
+        Database(args.database_url)
+        if args.database_url
+        else Database(f"sqlite+aiosqlite:///{bench.workdir}/bench.db", bench.workdir / "bench.db")
+    )
     rows: list[dict[str, Any]] = []
     exit_code: int | None = None
     try:
-        if args.database_url:
-            bench.reset_db()
+        bench.db.reset()
         config = bench.config(mqtt={"client_id": "flux-soak"})
-        with bench.gateway(config) as process:
-            load = Load(bench.broker.port, args.devices, args.rate)
+        with bench.gateway(config) as gateway:
+            process = gateway.process
+            load = Load(broker.port, args.devices, args.rate)
             started = time.monotonic()
             idle_before = sample(bench, process.pid, load, started)
             load.start()
@@ -220,17 +225,17 @@ def main() -> int:
                 load.stop()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and (
-                bench.db_count() < load.sent
+                bench.db.count() < load.sent
                 or _get_json(bench.http_port, "/api/v1/status")["mqtt_pending"]
             ):
                 time.sleep(0.2)
             idle_after = sample(bench, process.pid, load, started)
             load.close()
-            sent, stored = load.sent, bench.db_count()
+            sent, stored = load.sent, bench.db.count()
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(60)
     finally:
-        bench.broker.cleanup()
+        bench.close_broker()
         shutil.rmtree(bench.workdir, ignore_errors=True)
     summary = summarize(rows)
     flat = {
@@ -238,8 +243,8 @@ def main() -> int:
         for key, limit in FLAT.items()
         if key in summary
     }
-    # Tasks follow the messages in flight (one per unacknowledged message), so under load
-    # they are noise around a level; what must not grow is the idle count.
+    # Under load tasks come and go (a message waiting for room on the bus has one), so they
+    # are noise around a level; what must not grow is the idle count.
     flat["tasks"] = idle_after["tasks"] <= idle_before["tasks"] + 2
     report = {
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},

@@ -149,3 +149,17 @@ async def start_gateway() -> AsyncIterator[Callable[[Settings], Any]]:
 @pytest.fixture
 def shipped_settings() -> Settings:
     return load_settings(Path(__file__).resolve().parents[1] / "config.toml", environ={})
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[PrivateMosquitto]:
+    """A Mosquitto of the test's own (persistence on): one the test may stop and restart, or
+    whose shared subscriptions and sessions no other test sees."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not on PATH; this test needs a private broker")
+    broker = PrivateMosquitto(persistent=True)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.cleanup()

@@ -37,21 +37,30 @@ def _batch() -> list[Event]:
     return batch
 
 
-async def _stored(url: str) -> tuple[list[Event], list[dict[str, Any]]]:
+async def _write(url: str, *batches: list[Event], query: Any) -> tuple[list[str], list[Any]]:
+    """Migrate, commit ``batches`` through a StoreWriter, then run ``query``; return the
+    acknowledged event ids in order and the query's rows."""
     config = DatabaseConfig(url=url)
     await upgrade_async(config)
     engine = create_engine(config)
-    batch = _batch()
     acked: list[str] = []
-    for event in batch:
-        event.ack = lambda event=event: acked.append(event.id)  # type: ignore[misc]
+    for batch in batches:
+        for event in batch:
+            event.ack = lambda event=event: acked.append(event.id)  # type: ignore[misc]
     try:
         async with StoreWriter(engine=engine) as writer:
-            await writer.write_batch(batch)
+            for batch in batches:
+                await writer.write_batch(batch)
         async with engine.connect() as conn:
-            rows = [dict(row) for row in (await conn.execute(select(events))).mappings()]
+            rows = list((await conn.execute(query)).mappings())
     finally:
         await engine.dispose()
+    return acked, rows
+
+
+async def _stored(url: str) -> tuple[list[Event], list[Any]]:
+    batch = _batch()
+    acked, rows = await _write(url, batch, query=select(events))
     assert acked == [event.id for event in batch], "acknowledged in order, after commit"
     return batch, rows
 
@@ -83,28 +92,16 @@ async def test_postgresql_stores_the_same_batch(pg_url: str) -> None:
 async def _write_unserializable(url: str) -> None:
     """A derived payload nested deeper than orjson writes (plugins may emit one) is isolated
     into a ``store_rejected`` dead letter; the rest of the batch is stored, all acknowledged."""
-    config = DatabaseConfig(url=url)
-    await upgrade_async(config)
-    engine = create_engine(config)
     batch = _batch()
     deep: dict[str, Any] = {}
     for _ in range(300):
         deep = {"a": deep}
     batch.insert(1, derive_event(batch[0], topic="devices/d0/deep", payload={"ok": 1}))
     batch[1].payload = deep
-    acked: list[str] = []
-    for event in batch:
-        event.ack = lambda event=event: acked.append(event.id)  # type: ignore[misc]
-    try:
-        async with StoreWriter(engine=engine) as writer:
-            await writer.write_batch(batch)
-        async with engine.connect() as conn:
-            stored = {row[0] for row in await conn.execute(select(events.c.id))}
-            letters = [tuple(row) for row in await conn.execute(select(dead_letters.c.reason))]
-    finally:
-        await engine.dispose()
-    assert stored == {event.id for event in batch} - {batch[1].id}
-    assert letters == [(REASON_STORE_REJECTED,)]
+    acked, stored = await _write(url, batch, query=select(events.c.id))
+    _, letters = await _write(url, query=select(dead_letters.c.reason))
+    assert {row["id"] for row in stored} == {event.id for event in batch} - {batch[1].id}
+    assert [row["reason"] for row in letters] == [REASON_STORE_REJECTED]
     assert acked == [event.id for event in batch]
 
 
@@ -120,23 +117,13 @@ async def test_a_payload_postgresql_cannot_serialize_becomes_a_dead_letter(pg_ur
 async def _out_of_order_device_batches(url: str) -> None:
     """Two writers may commit a device's batches out of order (``flux run --workers``):
     the device row keeps the latest last_seen and payload, and counts both."""
-    config = DatabaseConfig(url=url)
-    await upgrade_async(config)
-    engine = create_engine(config)
     later, earlier = (
         make_event("devices/d9/telemetry", raw, max_bytes=1024, source="mqtt")
         for raw in (b'{"n": "later"}', b'{"n": "earlier"}')
     )
     assert isinstance(later, Event) and isinstance(earlier, Event)
     later.received_at, earlier.received_at = 1_795_000_100.5, 1_795_000_000.25
-    try:
-        async with StoreWriter(engine=engine) as writer:
-            await writer.write_batch([later])
-            await writer.write_batch([earlier])
-        async with engine.connect() as conn:
-            row = (await conn.execute(select(devices))).mappings().one()
-    finally:
-        await engine.dispose()
+    _, [row] = await _write(url, [later], [earlier], query=select(devices))
     assert row["message_count"] == 2
     assert row["last_payload"] == {"n": "later"}
     assert row["last_seen"].replace(tzinfo=None) == _utc(later.received_at).replace(tzinfo=None)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,10 @@ from flux.config import Settings, load_settings
 from flux.errors import ConfigError
 from flux.workers import Supervisor, plan_workers, worker_overrides
 from tests.faults._harness import Db, SeqDevice, clean_env, metric_value, write_config
-from tests.support import PrivateMosquitto, free_port, mosquitto_available, wait_until
+from tests.support import PrivateMosquitto, free_port, wait_until
 
 DEVICES = 4
 PER_DEVICE = 100
-
-
-@pytest.fixture
-def mosquitto() -> Iterator[PrivateMosquitto]:
-    """A Mosquitto of the test's own: shared subscriptions are per broker, keep them apart."""
-    if not mosquitto_available():
-        pytest.skip("mosquitto is not on PATH")
-    broker = PrivateMosquitto(persistent=True)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
 
 
 def consecutive_free_ports(count: int) -> int:
