@@ -409,6 +409,9 @@ def tune_garbage_collector() -> None:
 async def run(settings: Settings) -> None:
     """Run the gateway until SIGINT or SIGTERM, then stop in stages."""
     loop = asyncio.get_running_loop()
+    # Migrations first, in a child process: Alembic would stay loaded (~11 MiB) for the
+    # gateway's lifetime; the gateway's own check then finds the database at head.
+    await upgrade_async(settings.database, in_child=True)
     gateway = Gateway(settings=settings)
     # Handlers before start-up: a signal arriving while the gateway starts (/ready may
     # already answer) must stop it in stages, not kill it.

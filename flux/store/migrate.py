@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,12 +86,19 @@ async def current_revision(config: DatabaseConfig) -> str | None:
         await engine.dispose()
 
 
-async def upgrade_async(config: DatabaseConfig) -> None:
-    """Upgrade to head unless already there; Alembic runs in a worker thread, since its
-    environment starts its own event loop."""
+def upgrade_in_child(config: DatabaseConfig) -> None:
+    """Upgrade to head in a short-lived child process, so this one never loads Alembic."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        pool.submit(upgrade, config).result()
+
+
+async def upgrade_async(config: DatabaseConfig, *, in_child: bool = False) -> None:
+    """Upgrade to head unless already there. Alembic runs in a worker thread (its
+    environment starts its own event loop), or with ``in_child`` in a child process: what
+    ``flux run`` does, so a first start costs no more memory than any later one."""
     if await current_revision(config) == head_revision():
         return
-    await asyncio.to_thread(upgrade, config)
+    await asyncio.to_thread(upgrade_in_child if in_child else upgrade, config)
 
 
 __all__ = [
@@ -100,4 +109,5 @@ __all__ = [
     "migrations_dir",
     "upgrade",
     "upgrade_async",
+    "upgrade_in_child",
 ]
