@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import shutil
 from pathlib import Path
 from typing import Any, Self
@@ -41,9 +43,14 @@ async def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def mosquitto_config(*, host: str, port: int, data_dir: Path, max_payload_bytes: int) -> str:
-    """Return a Mosquitto configuration for a loopback-only, persistent, anonymous broker."""
+    """Return a Mosquitto configuration for a loopback-only, persistent, anonymous broker.
+
+    ``user`` is ours: started by root, Mosquitto otherwise switches to the ``mosquitto``
+    user, which cannot write its persistence file in the data folder we created.
+    """
     return "\n".join(
         [
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"listener {port} {host}",
             "allow_anonymous true",
             "persistence true",
@@ -123,8 +130,14 @@ class EmbeddedBroker:
                 max_payload_bytes=self._max_payload_bytes,
             )
         )
+        # Its own session: a Ctrl-C in the terminal reaches the gateway, which drains and
+        # then stops the broker, instead of killing the broker under the last PUBACKs.
         self._process = await asyncio.create_subprocess_exec(
-            executable, "-c", str(config_file), stdin=asyncio.subprocess.DEVNULL
+            executable,
+            "-c",
+            str(config_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         await self._wait_until_listening()
 

@@ -45,3 +45,6 @@ async def test_embedded_broker_carries_messages_to_the_database(
             return count == 50
 
         await wait_until(all_stored, what="50 events stored through the embedded broker")
+    if kind == "mosquitto":
+        # Mosquitto saves its persistence file when it stops: it must be able to write it.
+        assert (tmp_path / "broker" / "mosquitto.db").exists()
