@@ -1,4 +1,7 @@
-"""The batched writer: one Core bulk insert per batch, commit, then acknowledge in order.
+"""The batched writer: one transaction per batch, commit, then acknowledge in order.
+
+Event batches go to the database driver directly (``sqlite_batch``, ``postgres_batch``);
+alerts and dead letters through SQLAlchemy Core.
 
 Acknowledgement comes strictly after commit: an MQTT QoS 1 message is PUBACKed, an HTTP
 request answered, only once its row is durable. A database that is away makes the writer
@@ -18,11 +21,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from orjson import JSONEncodeError
-from sqlalchemy import case, insert
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -37,8 +39,11 @@ from flux.metrics import (
     DEGRADED,
 )
 from flux.store.database import sqlite_path, writer_connection
-from flux.store.schema import alerts, dead_letters, devices, events
+from flux.store.schema import alerts, dead_letters
 from flux.store.sqlite_batch import DeviceSummary, SqliteBatchWriter
+
+if TYPE_CHECKING:
+    from flux.store.postgres_batch import PostgresBatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +56,6 @@ _DEAD_LETTER_HIGH, _DEAD_LETTER_LOW = _DEAD_LETTER_QUEUE * 8 // 10, _DEAD_LETTER
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
-
-
-def _event_row(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "device_id": event.device_id,
-        "topic": event.topic,
-        "payload": event.payload,
-        "received_at": _utc(event.received_at),
-        "source": event.source,
-        "hops": event.hops,
-    }
 
 
 def _device_summaries(batch: Sequence[Event]) -> list[DeviceSummary]:
@@ -84,17 +77,6 @@ def _device_summaries(batch: Sequence[Event]) -> list[DeviceSummary]:
             entry[2] += 1
             entry[3] = event.payload
     return [(device, *summary[device]) for device in sorted(summary)]
-
-
-def _device_row(device: DeviceSummary) -> dict[str, Any]:
-    device_id, first, last, count, payload = device
-    return {
-        "id": device_id,
-        "first_seen": _utc(first),
-        "last_seen": _utc(last),
-        "message_count": count,
-        "last_payload": payload,
-    }
 
 
 def _storable_text(text: str) -> str:
@@ -137,13 +119,18 @@ class StoreWriter:
     ) -> None:
         self._engine = engine
         self._retry_max_delay_s = retry_max_delay_s
-        dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        path = sqlite_path(str(engine.url)) if dialect == "sqlite" else None
-        # Event batches on a SQLite file take the one-hop path (``flux.store.sqlite_batch``).
-        self._sqlite_batches = (
-            SqliteBatchWriter(path, synchronous=sqlite_synchronous) if path is not None else None
-        )
+        # Event batches go to the driver in one transaction (``flux.store.sqlite_batch``,
+        # ``flux.store.postgres_batch``); everything else goes through SQLAlchemy.
+        self._batches: SqliteBatchWriter | PostgresBatchWriter
+        if engine.dialect.name == "postgresql":
+            from flux.store.postgres_batch import PostgresBatchWriter
+
+            self._batches = PostgresBatchWriter(engine)
+        else:
+            path = sqlite_path(str(engine.url))
+            if path is None:
+                raise ValueError("the store needs a SQLite file, not an in-memory database")
+            self._batches = SqliteBatchWriter(path, synchronous=sqlite_synchronous)
         self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
         self.available = True
@@ -167,8 +154,7 @@ class StoreWriter:
             await self._drain_dead_letters(timeout=5.0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self._sqlite_batches is not None:
-            await self._sqlite_batches.close()
+        await self._batches.close()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -190,36 +176,7 @@ class StoreWriter:
 
     def _events_attempt(self, batch: Sequence[Event]) -> Callable[[], Awaitable[None]]:
         """One try at committing ``batch`` and its device rows."""
-        if self._sqlite_batches is not None:
-            return partial(self._sqlite_batches.write, batch, _device_summaries(batch))
-        return self._transaction(partial(self._insert_events, batch=batch))
-
-    async def _insert_events(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
-        await conn.execute(insert(events), [_event_row(event) for event in batch])
-        device_rows = [_device_row(device) for device in _device_summaries(batch)]
-        if device_rows:
-            statement = self._insert(devices)
-            incoming = statement.excluded
-            newer = incoming.last_seen >= devices.c.last_seen
-            # As in ``flux.store.sqlite_batch.UPSERT_DEVICES``: several writers may commit a
-            # device's batches out of order.
-            statement = statement.on_conflict_do_update(
-                index_elements=[devices.c.id],
-                set_={
-                    "first_seen": case(
-                        (incoming.first_seen < devices.c.first_seen, incoming.first_seen),
-                        else_=devices.c.first_seen,
-                    ),
-                    "last_seen": case((newer, incoming.last_seen), else_=devices.c.last_seen),
-                    "message_count": devices.c.message_count + incoming.message_count,
-                    "last_payload": case(
-                        (newer, incoming.last_payload), else_=devices.c.last_payload
-                    ),
-                },
-            )
-            await conn.execute(statement, device_rows)
-        faults.hit("db_io_error")
-        faults.hit("before_commit")
+        return partial(self._batches.write, batch, _device_summaries(batch))
 
     async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
         """Write a rejected batch one event at a time; dead-letter the ones refused.

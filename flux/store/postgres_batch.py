@@ -1,0 +1,106 @@
+"""Event batches on PostgreSQL: asyncpg's own ``executemany`` inside one transaction.
+
+Through SQLAlchemy's Core insert each row's parameters were processed in Python and the
+batch took six round trips (checkout, BEGIN, two inserts, COMMIT, release). Here the pooled
+connection's asyncpg driver runs the two prepared statements itself, encoding rows in C.
+SQLAlchemy still owns the connection (pool, JSON codecs, invalidation) and every other
+statement. Errors come back as SQLAlchemy's: an ``OperationalError`` for a database that is
+away (connection classes 08, 53, 57 and client-side connection errors: retried), a
+``DBAPIError`` for data it refuses (isolated into dead letters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flux import faults
+from flux.events import Event
+from flux.store.database import json_text
+from flux.store.sqlite_batch import DeviceSummary
+
+INSERT_EVENTS = (
+    "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
+#: As ``flux.store.sqlite_batch.UPSERT_DEVICES``: batches may commit out of order.
+UPSERT_DEVICES = """
+INSERT INTO devices (id, first_seen, last_seen, message_count, last_payload)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (id) DO UPDATE SET
+    first_seen = LEAST(devices.first_seen, excluded.first_seen),
+    last_seen = GREATEST(devices.last_seen, excluded.last_seen),
+    message_count = devices.message_count + excluded.message_count,
+    last_payload = CASE WHEN excluded.last_seen >= devices.last_seen
+        THEN excluded.last_payload ELSE devices.last_payload END
+"""
+#: SQLSTATE classes meaning "the database is away", not "the data is wrong".
+_OUTAGE_CLASSES = ("08", "53", "57")
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class PostgresBatchWriter:
+    """Commit event batches with the asyncpg driver of a pooled SQLAlchemy connection."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def close(self) -> None:
+        """Nothing to release: the connections are the engine's."""
+
+    async def write(self, batch: Sequence[Event], devices: Sequence[DeviceSummary]) -> None:
+        """Insert ``batch`` and upsert ``devices`` in one transaction; raise SQLAlchemy errors."""
+        rows = [
+            (
+                event.id,
+                event.device_id,
+                event.topic,
+                json_text(event.payload),
+                _utc(event.received_at),
+                event.source,
+                event.hops,
+            )
+            for event in batch
+        ]
+        summaries = [
+            (device, _utc(first), _utc(last), count, json_text(payload))
+            for device, first, last, count, payload in devices
+        ]
+        conn = await self._engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                async with driver.transaction():
+                    await driver.executemany(INSERT_EVENTS, rows)
+                    if summaries:
+                        await driver.executemany(UPSERT_DEVICES, summaries)
+                    faults.hit("db_io_error")
+                    faults.hit("before_commit")
+            except Exception as exc:
+                if isinstance(exc, DBAPIError):  # an injected fault is SQLAlchemy's already
+                    raise
+                if _is_outage(exc):
+                    await conn.invalidate()
+                    raise OperationalError(INSERT_EVENTS, None, exc) from exc
+                raise DBAPIError(INSERT_EVENTS, None, exc) from exc
+        finally:
+            await conn.close()
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncpg.InterfaceError):
+        return True  # InterfaceError: the client's side of the connection is closed or broken
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in _OUTAGE_CLASSES
+
+
+__all__ = ["PostgresBatchWriter"]
