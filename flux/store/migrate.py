@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from flux.config import DatabaseConfig
+from flux.errors import StoreUnavailable
 from flux.store.database import create_engine, sqlite_path
 
 if TYPE_CHECKING:
@@ -96,9 +98,16 @@ async def upgrade_async(config: DatabaseConfig, *, in_child: bool = False) -> No
     """Upgrade to head unless already there. Alembic runs in a worker thread (its
     environment starts its own event loop), or with ``in_child`` in a child process: what
     ``flux run`` does, so a first start costs no more memory than any later one."""
-    if await current_revision(config) == head_revision():
-        return
-    await asyncio.to_thread(upgrade_in_child if in_child else upgrade, config)
+    try:
+        if await current_revision(config) == head_revision():
+            return
+        await asyncio.to_thread(upgrade_in_child if in_child else upgrade, config)
+    except Exception as exc:  # unreachable, refused, broken: the gateway cannot start
+        where = make_url(config.url).render_as_string(hide_password=True)
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise StoreUnavailable(
+            f"cannot migrate the database at {where}: {type(exc).__name__}: {detail}"
+        ) from exc
 
 
 __all__ = [

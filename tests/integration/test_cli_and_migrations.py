@@ -218,3 +218,17 @@ async def test_start_up_migrates_once_and_skips_alembic_at_head(tmp_path: Path) 
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_run_against_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "FLUX_DATABASE__URL": f"postgresql+asyncpg://127.0.0.1:{free_port()}/nowhere",
+        "FLUX_MQTT__EMBEDDED": "off",
+        "FLUX_SERVER__PORT": "0",
+        "FLUX_METRICS__PORT": "0",
+    }
+    result = _flux("run", cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "flux: cannot migrate the database at postgresql+asyncpg://127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
