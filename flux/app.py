@@ -29,6 +29,7 @@ from flux.config import Settings
 from flux.events import DeadLetter, Event
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.ingest.mqtt import MqttIngest
+from flux.ingest.publisher import MqttPublisher
 from flux.metrics import DEGRADED
 from flux.pipeline import (
     PIPELINE_SUBSCRIBER,
@@ -75,6 +76,7 @@ class Gateway:
         )
         self.writer: StoreWriter | None = None
         self.mqtt: MqttIngest | None = None
+        self.publisher: MqttPublisher | None = None
         self.broker: EmbeddedBroker | None = None
         self.plugins: PluginManager | None = None
         self.rules: RuleEngine | None = None
@@ -135,6 +137,14 @@ class Gateway:
         await self.bus.__aenter__()
         await self._ensure_broker()
         receive_maximum = settings.mqtt.receive_maximum or 2 * settings.database.batch_size
+        # amqtt speaks MQTT 3.1.1 only and does not answer a v5 CONNECT.
+        protocol = MQTTv311 if self.broker and self.broker.kind == "amqtt" else MQTTv50
+        self.publisher = MqttPublisher(
+            config=settings.mqtt,
+            client_id=f"{settings.mqtt.client_id}-pub",
+            protocol_version=protocol,
+        )
+        await self.publisher.__aenter__()
         self.mqtt = MqttIngest(
             config=settings.mqtt,
             publish=self.publish,
@@ -143,8 +153,7 @@ class Gateway:
             dead_letter=self.dead_letter,
             receive_maximum=receive_maximum,
             max_pending=settings.eventbus.capacity,
-            # amqtt speaks MQTT 3.1.1 only and does not answer a v5 CONNECT.
-            protocol_version=MQTTv311 if self.broker and self.broker.kind == "amqtt" else MQTTv50,
+            protocol_version=protocol,
         )
         await self.mqtt.__aenter__()
         self.accepting = True
@@ -226,12 +235,12 @@ class Gateway:
             result["result"] = "partial"
         return result
 
-    def _publish_mqtt(
+    async def _publish_mqtt(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int
     ) -> None:
-        if self.mqtt is None:
+        if self.publisher is None:
             raise RuntimeError("MQTT is not running; message not published")
-        self.mqtt.publish(topic, payload, qos=qos, retain=retain, hops=hops)
+        await self.publisher.publish(topic, payload, qos=qos, retain=retain, hops=hops)
 
     async def publish(self, event: Event) -> None:
         """Put an ingested event on the bus.
@@ -331,6 +340,9 @@ class Gateway:
                 )
             await self.mqtt.stop()
             self.mqtt = None
+        if self.publisher is not None:
+            await self.publisher.__aexit__(None, None, None)
+            self.publisher = None
         await self.bus.__aexit__(None, None, None)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True

@@ -248,13 +248,13 @@ def retry_through_outages(
 
 
 def publish_handler(
-    publish: Callable[..., None],
+    publish: Callable[..., Awaitable[None]],
 ) -> Callable[[RuleMatch, PublishAction], Awaitable[None]]:
-    """Return the ``publish`` action handler that sends through the gateway's MQTT session."""
+    """Return the ``publish`` action handler that sends through the gateway's publisher."""
 
     async def handler(match: RuleMatch, action: PublishAction) -> None:
         message = publish_message(match, action)
-        publish(
+        await publish(
             message.topic,
             message.payload,
             qos=message.qos,

@@ -37,6 +37,8 @@ from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECT
 log = logging.getLogger(__name__)
 
 _RECONNECT_FIRST_DELAY_S = 0.2
+#: How long a clean stop waits for the broker to confirm it read our last packets.
+_BARRIER_TIMEOUT_S = 2.0
 #: MQTT 5 user property carrying a derived message's hop count.
 HOPS_PROPERTY = "flux-hops"
 #: PUBACK (QoS 1) and PUBREC (QoS 2) with reason "success": valid in MQTT 3.1.1 and 5.
@@ -62,6 +64,15 @@ class _GatewayClient(gmqtt.Client):  # type: ignore[misc]
     def __init__(self, *args: Any, receive: Receiver, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         handler = self._package_handler
+        #: Set by each PINGRESP (see ``MqttIngest._broker_has_read``).
+        self.pong = asyncio.Event()
+        handle_pingresp = handler._handle_pingresp_packet
+
+        def pingresp(cmd: int, packet: bytes) -> None:
+            handle_pingresp(cmd, packet)
+            self.pong.set()
+
+        handler._handle_pingresp_packet = pingresp
         state = self._connection_state
         handle_packet = handler._handle_packet
 
@@ -108,7 +119,7 @@ def _publish_fast(receive: Receiver, cmd: int, packet: bytes, v5: bool) -> bool:
     return True
 
 
-def _tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
+def tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
     if not config.uses_tls:
         return False
     context = ssl.create_default_context(cafile=config.tls_ca_file or None)
@@ -212,7 +223,7 @@ class MqttIngest:
                 client.connect(
                     config.host,
                     config.port,
-                    ssl=_tls_context(config),
+                    ssl=tls_context(config),
                     keepalive=config.keepalive_s,
                     version=self._protocol_version,
                 ),
@@ -240,6 +251,7 @@ class MqttIngest:
             return
         self._accepting = False
         self._generation += 1  # acks still pending now would belong to a dead connection
+        await self._broker_has_read(client, timeout=_BARRIER_TIMEOUT_S)
         try:
             await asyncio.wait_for(
                 client.disconnect(session_expiry_interval=self._config.session_expiry_s), 5
@@ -248,18 +260,26 @@ class MqttIngest:
             log.warning("MQTT disconnect did not complete cleanly: %s", exc)
         self._set_connected(False)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int) -> None:
-        """Publish a message from a rule action, tagged with its hop count (MQTT 5 user property).
+    async def _broker_has_read(self, client: _GatewayClient, *, timeout: float) -> None:
+        """Wait until the broker has read everything sent so far: it answers a PINGREQ only
+        after the packets before it, our last PUBACKs included.
 
-        When the gateway is subscribed to the topic the message comes back as an event that
-        keeps the count, so a loop through the broker is cut like one inside the process.
+        Closing a socket that still holds unread PUBLISHes sends a TCP reset, and a reset
+        makes the broker's kernel drop what the broker had not read yet: PUBACKs sent just
+        before the close were lost that way and their messages came back as duplicates.
         """
-        client = self._client
-        if client is None or not self.connected:
-            raise MqttConnectError("not connected to the MQTT broker; message not published")
-        client.publish(
-            topic, payload, qos=qos, retain=retain, user_property=[(HOPS_PROPERTY, str(hops))]
-        )
+        if not client.is_connected:
+            return
+        client.pong.clear()
+        try:
+            client._send_simple_command(MQTTCommands.PINGREQ)
+            await asyncio.wait_for(client.pong.wait(), timeout)
+        except (TimeoutError, OSError, Exception) as exc:
+            log.warning(
+                "the broker did not answer before disconnect (%s); recent PUBACKs "
+                "may be redelivered as duplicates",
+                exc or type(exc).__name__,
+            )
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no message is between arrival and acknowledgement; False on timeout."""
@@ -436,4 +456,4 @@ class MqttIngest:
         DEGRADED.labels(reason="mqtt_disconnected").set(0 if connected else 1)
 
 
-__all__ = ["MqttConnectError", "MqttIngest"]
+__all__ = ["HOPS_PROPERTY", "MqttConnectError", "MqttIngest", "tls_context"]

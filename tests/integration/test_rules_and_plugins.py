@@ -381,3 +381,36 @@ async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
 def _publish_all(broker: tuple[str, int], messages: list[tuple[str, bytes | str]]) -> None:
     with device(*broker) as sim:
         sim.publish_all(messages)
+
+
+async def test_a_backlog_of_publishing_matches_publishes_every_one(
+    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any
+) -> None:
+    """A replayed backlog makes a publish rule fire far more QoS 1 publishes than the
+    broker's Receive Maximum (Mosquitto: 20) at once: each must still go out, none refused."""
+    dev = unique("dev")
+    broker = ("127.0.0.1", mosquitto.port)
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "echo.toml").write_text(
+        '[[rules]]\nid = "echo"\ntopic = "devices/+/telemetry"\nwhen = "seq >= 0"\n'
+        'actions = [{ type = "publish", topic = "echo/{device_id}", qos = 1,'
+        ' payload = { seq = "{payload.seq}" } }]\n'
+    )
+    settings = make_settings(tmp_path, broker, device_ids=[dev], mqtt={"client_id": unique("gw")})
+    total = 400
+    async with start_gateway(settings):  # creates the persistent session, then stops
+        pass
+    with device(*broker) as sim:
+        sim.publish_all(
+            [(f"devices/{dev}/telemetry", orjson.dumps({"seq": i})) for i in range(total)]
+        )
+    listener = Listener(broker, f"echo/{dev}")
+    try:
+        async with start_gateway(settings):
+            await wait_until(
+                lambda: len(listener.messages) >= total, timeout=60, what="every echo published"
+            )
+        assert sorted(int(m["seq"]) for _, m in listener.messages) == list(range(total))
+    finally:
+        listener.close()
