@@ -119,6 +119,30 @@ def _publish_fast(receive: Receiver, cmd: int, packet: bytes, v5: bool) -> bool:
     return True
 
 
+async def connect(
+    client: gmqtt.Client, config: MqttConfig, *, version: int, timeout_s: float, what: str
+) -> None:
+    """Connect ``client`` to the configured broker (credentials, TLS, keepalive), or raise
+    ``MqttConnectError`` ("cannot connect <what> host:port") after closing the attempt."""
+    if config.username:
+        client.set_auth_credentials(config.username, config.password or None)
+    try:
+        await asyncio.wait_for(
+            client.connect(
+                config.host,
+                config.port,
+                ssl=tls_context(config),
+                keepalive=config.keepalive_s,
+                version=version,
+            ),
+            timeout_s,
+        )
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 2)
+        raise MqttConnectError(f"cannot connect {what} {config.host}:{config.port}: {exc}") from exc
+
+
 def tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
     if not config.uses_tls:
         return False
@@ -214,28 +238,19 @@ class MqttIngest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_qos0_message
-        if config.username:
-            client.set_auth_credentials(config.username, config.password or None)
         client.reconnect_delay = self._delay
         self._client = client
         try:
-            await asyncio.wait_for(
-                client.connect(
-                    config.host,
-                    config.port,
-                    ssl=tls_context(config),
-                    keepalive=config.keepalive_s,
-                    version=self._protocol_version,
-                ),
-                self._connect_timeout_s,
+            await connect(
+                client,
+                config,
+                version=self._protocol_version,
+                timeout_s=self._connect_timeout_s,
+                what="to the MQTT broker at",
             )
-        except Exception as exc:
+        except MqttConnectError:
             self._client = None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 2)
-            raise MqttConnectError(
-                f"cannot connect to the MQTT broker at {config.host}:{config.port}: {exc}"
-            ) from exc
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -456,4 +471,4 @@ class MqttIngest:
         DEGRADED.labels(reason="mqtt_disconnected").set(0 if connected else 1)
 
 
-__all__ = ["HOPS_PROPERTY", "MqttConnectError", "MqttIngest", "tls_context"]
+__all__ = ["HOPS_PROPERTY", "MqttConnectError", "MqttIngest", "connect", "tls_context"]

@@ -23,7 +23,7 @@ from typing import Any, Self
 import gmqtt
 
 from flux.config import MqttConfig
-from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, tls_context
+from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, connect
 
 log = logging.getLogger(__name__)
 
@@ -85,28 +85,15 @@ class MqttPublisher:
             return self._client
 
     async def _connect(self) -> _PublisherClient:
-        config = self._config
         client = _PublisherClient(self._client_id, clean_session=True, acked=self._acked)
-        if config.username:
-            client.set_auth_credentials(config.username, config.password or None)
         client.reconnect_delay = _RECONNECT_DELAY_S  # gmqtt retries forever; 6 s apart by default
-        try:
-            await asyncio.wait_for(
-                client.connect(
-                    config.host,
-                    config.port,
-                    ssl=tls_context(config),
-                    keepalive=config.keepalive_s,
-                    version=self._protocol_version,
-                ),
-                self._connect_timeout_s,
-            )
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 2)
-            raise MqttConnectError(
-                f"cannot connect the publishing session to {config.host}:{config.port}: {exc}"
-            ) from exc
+        await connect(
+            client,
+            self._config,
+            version=self._protocol_version,
+            timeout_s=self._connect_timeout_s,
+            what="the publishing session to",
+        )
         return client
 
     async def __aexit__(self, *exc_info: object) -> None:
