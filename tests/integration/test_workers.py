@@ -135,6 +135,13 @@ class Supervised:
         except httpx.HTTPError:
             return False
 
+    async def wait_all_ready(self, timeout: float = 60) -> None:
+        """Wait until every worker answers /ready; on timeout, fail with the supervisor's log."""
+        try:
+            await wait_until(self.all_ready, timeout=timeout, what="every worker /ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; supervisor log:\n{self.log()[-4000:]}") from None
+
     async def all_ready(self) -> bool:
         return all([await self.ready(index) for index in range(self.workers)])
 
@@ -236,7 +243,7 @@ async def test_two_workers_split_a_shared_subscription_and_stop_on_sigterm(
     sims = [SeqDevice("127.0.0.1", mosquitto.port) for _ in devs]
     try:
         gw.start()
-        await wait_until(gw.all_ready, timeout=60, what="both workers /ready")
+        await gw.wait_all_ready()
         assert sorted(gw.workers_now()) == [0, 1], gw.log()
         await both_subscribed(gw, sims[0], devs[0])
         before = [await gw.mqtt_messages(i) for i in range(2)]
@@ -284,7 +291,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(
     sims = [SeqDevice("127.0.0.1", mosquitto.port) for _ in devs]
     try:
         gw.start()
-        await wait_until(gw.all_ready, timeout=60, what="both workers /ready")
+        await gw.wait_all_ready()
         await both_subscribed(gw, sims[0], devs[0])
         victim = gw.workers_now()[1]
 
