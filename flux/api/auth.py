@@ -9,6 +9,17 @@ from fastapi import Request
 from flux.errors import Unauthorized
 
 
+def token_accepted(token: str, authorization: str) -> bool:
+    """Whether an ``Authorization`` header value carries ``token`` ("" = no token required);
+    compared in constant time."""
+    if not token:
+        return True
+    scheme, _, presented = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
 async def require_token(request: Request) -> None:
     """Reject the request unless it carries the configured token (constant-time compare).
 
@@ -16,14 +27,8 @@ async def require_token(request: Request) -> None:
     hop per request that cost more than the rest of an ingest request.
     """
     token: str = request.app.state.gateway.settings.server.api_token
-    if not token:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        presented.strip().encode(), token.encode()
-    ):
+    if not token_accepted(token, request.headers.get("authorization", "")):
         raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 
 
-__all__ = ["require_token"]
+__all__ = ["require_token", "token_accepted"]

@@ -12,13 +12,13 @@ handler would. The route's OpenAPI description stays with FastAPI.
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flux.api.auth import token_accepted
 from flux.api.ingest import store, to_event
 from flux.errors import FluxError
 from flux.metrics import HTTP_REQUEST_DURATION
@@ -77,13 +77,9 @@ class FastIngest:
         return topic, payload
 
     def _authorized(self, scope: Scope) -> bool:
-        token: str = self.gateway.settings.server.api_token
-        if not token:
-            return True
-        scheme, _, presented = _header(scope, b"authorization").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(
-            presented.strip(), token.encode()
-        )
+        # Latin-1, as Starlette decodes headers for FastAPI's ``require_token``.
+        authorization = _header(scope, b"authorization").decode("latin-1")
+        return token_accepted(self.gateway.settings.server.api_token, authorization)
 
     async def _ingest(self, topic: str, payload: dict[str, Any]) -> tuple[int, bytes]:
         max_bytes = self.gateway.settings.mqtt.max_payload_bytes
