@@ -9,6 +9,7 @@ with "database is locked" halfway through a batch; readers start deferred transa
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from flux.config import DatabaseConfig
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "flux_write"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def utc_datetime(timestamp: float) -> datetime:
+    """A UNIX timestamp as an aware UTC datetime, as the ``Timestamp`` columns take it."""
+    return datetime.fromtimestamp(timestamp, UTC)
 
 
 def json_text(value: Any) -> str:
@@ -88,4 +94,11 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
     return await connection.execution_options(**{WRITE_OPTION: True})
 
 
-__all__ = ["WRITE_OPTION", "create_engine", "json_text", "sqlite_path", "writer_connection"]
+__all__ = [
+    "WRITE_OPTION",
+    "create_engine",
+    "json_text",
+    "sqlite_path",
+    "utc_datetime",
+    "writer_connection",
+]

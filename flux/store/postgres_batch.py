@@ -12,7 +12,6 @@ away (connection classes 08, 53, 57 and client-side connection errors: retried),
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -21,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux import faults
 from flux.events import Event
-from flux.store.database import json_text
+from flux.store.database import json_text, utc_datetime
 from flux.store.sqlite_batch import DeviceSummary
 
 INSERT_EVENTS = (
@@ -43,10 +42,6 @@ ON CONFLICT (id) DO UPDATE SET
 _OUTAGE_CLASSES = ("08", "53", "57")
 
 
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, UTC)
-
-
 class PostgresBatchWriter:
     """Commit event batches with the asyncpg driver of a pooled SQLAlchemy connection."""
 
@@ -64,14 +59,14 @@ class PostgresBatchWriter:
                 event.device_id,
                 event.topic,
                 json_text(event.payload),
-                _utc(event.received_at),
+                utc_datetime(event.received_at),
                 event.source,
                 event.hops,
             )
             for event in batch
         ]
         summaries = [
-            (device, _utc(first), _utc(last), count, json_text(payload))
+            (device, utc_datetime(first), utc_datetime(last), count, json_text(payload))
             for device, first, last, count, payload in devices
         ]
         conn = await self._engine.connect()

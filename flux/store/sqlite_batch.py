@@ -19,13 +19,12 @@ import math
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flux import faults
 from flux.events import Event
-from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text
+from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, utc_datetime
 
 INSERT_EVENTS = (
     "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
@@ -70,7 +69,7 @@ class SqliteTime:
             second, micro = second - 1, micro + 1_000_000
         if second != self._second:
             self._second = second
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            self._prefix = utc_datetime(second).strftime("%Y-%m-%d %H:%M:%S")
         return f"{self._prefix}.{micro:06d}"
 
 

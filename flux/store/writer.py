@@ -19,7 +19,6 @@ import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Self
 
@@ -38,7 +37,7 @@ from flux.metrics import (
     DEAD_LETTERS,
     DEGRADED,
 )
-from flux.store.database import sqlite_path, writer_connection
+from flux.store.database import sqlite_path, utc_datetime, writer_connection
 from flux.store.schema import alerts, dead_letters
 from flux.store.sqlite_batch import DeviceSummary, SqliteBatchWriter
 
@@ -52,10 +51,6 @@ _DEAD_LETTER_BATCH = 256
 _DEAD_LETTER_QUEUE = 1024
 #: ``dead_letter_backlog`` above this many queued dead letters, cleared below the low mark.
 _DEAD_LETTER_HIGH, _DEAD_LETTER_LOW = _DEAD_LETTER_QUEUE * 8 // 10, _DEAD_LETTER_QUEUE // 2
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, UTC)
 
 
 def _device_summaries(batch: Sequence[Event]) -> list[DeviceSummary]:
@@ -92,7 +87,7 @@ def _dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
         "reason": letter.reason,
         "detail": _storable_text(letter.detail),
         "source": letter.source,
-        "received_at": _utc(letter.received_at),
+        "received_at": utc_datetime(letter.received_at),
     }
 
 

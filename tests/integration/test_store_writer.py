@@ -17,11 +17,11 @@ from sqlalchemy import select
 
 from flux.config import DatabaseConfig
 from flux.events import Event, derive_event, make_event
-from flux.store.database import create_engine
+from flux.store.database import create_engine, utc_datetime
 from flux.store.migrate import upgrade_async
 from flux.store.schema import dead_letters, devices, events
 from flux.store.sqlite_batch import SqliteTime
-from flux.store.writer import REASON_STORE_REJECTED, StoreWriter, _utc
+from flux.store.writer import REASON_STORE_REJECTED, StoreWriter
 
 
 def _batch() -> list[Event]:
@@ -73,7 +73,7 @@ def _check(batch: list[Event], rows: list[dict[str, Any]]) -> None:
         assert row["payload"] == event.payload
         assert (row["topic"], row["device_id"]) == (event.topic, event.device_id)
         assert (row["source"], row["hops"]) == (event.source, event.hops)
-        expected = _utc(event.received_at)
+        expected = utc_datetime(event.received_at)
         stored = row["received_at"]
         if stored.tzinfo is None:  # SQLite keeps no zone; the writer stores UTC
             expected = expected.replace(tzinfo=None)
@@ -126,8 +126,9 @@ async def _out_of_order_device_batches(url: str) -> None:
     _, [row] = await _write(url, [later], [earlier], query=select(devices))
     assert row["message_count"] == 2
     assert row["last_payload"] == {"n": "later"}
-    assert row["last_seen"].replace(tzinfo=None) == _utc(later.received_at).replace(tzinfo=None)
-    assert row["first_seen"].replace(tzinfo=None) == _utc(earlier.received_at).replace(tzinfo=None)
+    naive = [utc_datetime(e.received_at).replace(tzinfo=None) for e in (later, earlier)]
+    assert row["last_seen"].replace(tzinfo=None) == naive[0]
+    assert row["first_seen"].replace(tzinfo=None) == naive[1]
 
 
 async def test_sqlite_device_rows_only_move_forward(tmp_path: Path) -> None:
@@ -143,5 +144,5 @@ async def test_postgresql_device_rows_only_move_forward(pg_url: str) -> None:
 @given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
 def test_sqlite_time_rounds_like_datetime(timestamp: float) -> None:
     """The writer's own timestamp text equals SQLAlchemy's (via datetime) to the microsecond."""
-    expected = _utc(timestamp).strftime("%Y-%m-%d %H:%M:%S.%f")
+    expected = utc_datetime(timestamp).strftime("%Y-%m-%d %H:%M:%S.%f")
     assert SqliteTime()(timestamp) == expected
