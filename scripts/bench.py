@@ -13,6 +13,16 @@ ids that name the same run are run once):
   publishers' CPU does not compete), then the gateway starts and the time from the first to
   the last commit is measured. QoS 0 is refused: a broker does not queue QoS 0 messages for
   an offline session, so there would be no backlog.
+- ``shipped`` (S1): the same drain through the shipped ``config.toml``, ``rules/`` and
+  ``plugins/`` as they are (only broker, database, ports and module cache are the bench's),
+  with a backlog from a fleet of ``--devices`` sensors (``tests.support.FleetDevice``:
+  temperatures drift slowly, humidity, battery in percent, ``charging = false``, the
+  device's own ``ts``; about 1 message in 10 trips a shipped rule that alerts and
+  publishes). Reports device messages/s, ``rows_per_s`` (events of every hop plus alerts,
+  over the drain's seconds) and the rows of each table: ``dead_letters`` should be 0.
+- ``storm`` (S2): ``shipped`` plus one rule that alerts and publishes (QoS 1) for every
+  telemetry message; a subscriber in a process of its own counts the publishes, and the
+  drain ends once every message is stored and every publish received.
 - ``latency`` (P2): a paced QoS 1 stream (``--rate`` for ``--duration`` s); publish -> visible
   in the database per message, observed by polling every 2 ms (SQLite by rowid; PostgreSQL
   by the time-ordered event id, looking again just behind the newest id every 20 ms for
@@ -74,12 +84,14 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,10 +104,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import PrivateMosquitto, free_port, telemetry, wait_port  # noqa: E402
+from tests.support import (  # noqa: E402
+    PrivateMosquitto,
+    fleet,
+    fleet_messages,
+    free_port,
+    telemetry,
+    wait_port,
+)
 
 #: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
-SCENARIO_NAMES = ("drain", "latency", "http", "workers")
+SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers")
 IDS = {
     "P1": "drain",
     "P3": "drain",
@@ -104,6 +123,8 @@ IDS = {
     "P4": "http",
     "P7": "workers",
     "P8": "drain-pg",
+    "S1": "shipped",
+    "S2": "storm",
 }
 DEFAULT_PG_URL = "postgresql+asyncpg://127.0.0.1:5432/test"
 #: How often the stored count is sampled (drain, http, workers) and latency throughput noted.
@@ -375,6 +396,14 @@ class Database:
         finally:
             reader.close()
 
+    def table_counts(self) -> dict[str, int]:
+        """Rows in the tables a drain writes: events (every hop), alerts, dead letters."""
+        tables = ("events", "alerts", "dead_letters")
+        if self.sqlite_path is None:
+            return {t: int(_pg_execute(self.url, f"SELECT count(*) FROM {t}")) for t in tables}
+        with sqlite3.connect(self.sqlite_path, timeout=30) as conn:
+            return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+
     def reset(self) -> None:
         if self.sqlite_path is None:
             _pg_execute(self.url, _TRUNCATE_ALL)  # a no-op before the first migration
@@ -572,8 +601,36 @@ class Bench:
             shutil.copytree(ROOT / "plugins" / self.args.plugin, folder / self.args.plugin)
         return folder
 
-    def config(self, workers: int = 1, **overrides: dict[str, Any]) -> Path:
-        """Write the gateway's config for the current broker and database; pick free ports."""
+    def shipped_config(self, workers: int = 1, *, extra_rules: str = "") -> Path:
+        """The shipped ``config.toml``, ``rules/`` and ``plugins/`` as they are, changed only
+        where the bench must: its broker, database, ports and module cache (plus
+        ``extra_rules``, a rule file beside the shipped ones)."""
+        sections = tomllib.loads((ROOT / "config.toml").read_text())
+        rules = ROOT / "rules"
+        if extra_rules:
+            rules = self.workdir / "shipped-rules"
+            shutil.rmtree(rules, ignore_errors=True)
+            shutil.copytree(ROOT / "rules", rules)
+            (rules / "bench-extra.toml").write_text(extra_rules)
+        return self.config(
+            workers,
+            base=sections,
+            rules={"dir": str(rules)},
+            plugins={"dir": str(ROOT / "plugins"), "cache_dir": str(self.workdir / "modules")},
+        )
+
+    def config(
+        self,
+        workers: int = 1,
+        *,
+        base: dict[str, dict[str, Any]] | None = None,
+        **overrides: dict[str, Any],
+    ) -> Path:
+        """Write the gateway's config for the current broker and database; pick free ports.
+
+        ``base`` (the shipped configuration) replaces the bench's own settings of the
+        eventbus, batch size, rules and plugins; broker, database and ports stay the bench's.
+        """
         assert self.broker is not None and self.db is not None
         self.http_port = free_ports(workers)
         sections: dict[str, dict[str, Any]] = {
@@ -591,6 +648,17 @@ class Bench:
             "rules": {"dir": str(self.rules_dir())},
             "plugins": {"dir": str(self.plugins_dir()), "cache_dir": str(self.workdir / "modules")},
         }
+        if base is not None:
+            own = {
+                "server": ("port",),
+                "metrics": ("port",),
+                "mqtt": ("url", "client_id", "embedded"),
+                "database": ("url",),
+            }
+            merged = {name: dict(values) for name, values in base.items()}
+            for name, keys in own.items():
+                merged.setdefault(name, {}).update({k: sections[name][k] for k in keys})
+            sections = merged
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
         lines = []
@@ -714,6 +782,118 @@ def publish(port: int, total: int, publishers: int, qos: int) -> tuple[float, fl
     return per * publishers / (finished - started), started, finished
 
 
+def _fleet_publisher(port: int, indexes: list[int], per_device: int, barrier: Any) -> None:
+    """One publisher process: ``per_device`` readings of each fleet device in ``indexes``."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-fleet-{indexes[0]}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    devices = [d for d in fleet(max(indexes) + 1, per_device) if d.index in set(indexes)]
+    messages = fleet_messages(devices, per_device)
+    barrier.wait()
+    infos = [client.publish(topic, orjson.dumps(body), qos=1) for topic, body in messages]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def publish_fleet(port: int, devices: int, per_device: int, publishers: int) -> float:
+    """Publish ``per_device`` QoS 1 readings of ``devices`` fleet devices; return msg/s."""
+    context = multiprocessing.get_context("spawn")
+    publishers = min(publishers, devices)
+    barrier = context.Barrier(publishers + 1)
+    processes = [
+        context.Process(
+            target=_fleet_publisher,
+            args=(port, list(range(i, devices, publishers)), per_device, barrier),
+        )
+        for i in range(publishers)
+    ]
+    for process in processes:
+        process.start()
+    barrier.wait(120)
+    started = time.perf_counter()
+    for process in processes:
+        process.join(300)
+        if process.is_alive():
+            process.kill()
+    return devices * per_device / (time.perf_counter() - started)
+
+
+def _count_publishes(port: int, topic: str, ready: Any, stop: Any, counts: Any) -> None:
+    """Subscriber process: count the messages on ``topic`` and the distinct (device, seq)
+    pairs among them; ``counts`` = [received, unique, perf_counter of the last new pair]."""
+    seen: set[tuple[Any, Any]] = set()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        counts[0] += 1
+        try:
+            body = orjson.loads(message.payload)
+            key = (body.get("device"), body.get("seq"))
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if key not in seen:
+            seen.add(key)
+            counts[1] = len(seen)
+            counts[2] = time.perf_counter()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-counter-{os.getpid()}")
+    client.on_message = on_message
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *_: ready.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    stop.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+class PublishCounter:
+    """A subscriber in a process of its own (it must not take the gateway's CPU time slices
+    from the bench's threads) counting what the gateway publishes."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._ready = context.Event()
+        self._stop = context.Event()
+        self._counts = context.Array("d", 3, lock=False)
+        self._process = context.Process(
+            target=_count_publishes, args=(port, topic, self._ready, self._stop, self._counts)
+        )
+
+    def __enter__(self) -> PublishCounter:
+        self._process.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the publish counter did not subscribe within 30 s")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def received(self) -> int:
+        return int(self._counts[0])
+
+    def unique(self) -> int:
+        return int(self._counts[1])
+
+    @property
+    def last_at(self) -> float:
+        """``time.perf_counter()`` (system-wide on Linux) when the last new publish arrived."""
+        return float(self._counts[2])
+
+    def wait_for(self, total: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.unique() < total:
+            if time.monotonic() > deadline or not self._process.is_alive():
+                return False
+            time.sleep(SAMPLE_S / 2)
+        return True
+
+
 # -- scenarios ---------------------------------------------------------------------------------
 
 
@@ -742,39 +922,115 @@ def scenario_drain(bench: Bench, run: Run) -> list[dict[str, Any]]:
     broker = bench.new_broker()
     bench.db.reset()
     config = bench.config(args.workers)
+    total = args.messages // args.publishers * args.publishers
+    return [
+        _drain(
+            bench,
+            run,
+            config,
+            total,
+            lambda: publish(broker.port, args.messages, args.publishers, args.qos)[0],
+        )
+    ]
+
+
+def _drain(
+    bench: Bench,
+    run: Run,
+    config: Path,
+    total: int,
+    preload: Callable[[], float],
+    counter: PublishCounter | None = None,
+) -> dict[str, Any]:
+    """Queue a backlog in the gateway's persistent session while it is stopped, then start
+    it and time the drain: from the first commit until ``total`` device messages are stored
+    (and, with a ``counter``, until it has received every publish the drain caused)."""
+    args = bench.args
+    assert bench.db is not None
     with bench.gateway(config, workers=args.workers):  # creates the sessions and subscriptions
         pass
-    publish_rate, _, _ = publish(broker.port, args.messages, args.publishers, args.qos)
-    total = args.messages // args.publishers * args.publishers
+    publish_rate = preload()
     series = Series(run.label, "count")
     with (
         bench.gateway(config, workers=args.workers, profile_as=run.label) as gateway,
         CountSampler(bench.db, series) as sampler,
     ):
         done = sampler.wait_for(total, args.timeout)
+        if done and counter is not None:
+            done = counter.wait_for(total, args.timeout)
         stats = gateway.stats()
         metrics = gateway.metrics()
         if not done:
+            received = f", {counter.unique()}/{total} publishes received" if counter else ""
             raise RuntimeError(
-                f"drain incomplete: {sampler.latest}/{total} stored after {args.timeout} s; "
-                f"/ready: {gateway.ready_body()}\ngateway log:\n{bench.log_tail()}"
+                f"drain incomplete: {sampler.latest}/{total} stored{received} after "
+                f"{args.timeout} s; /ready: {gateway.ready_body()}\n"
+                f"gateway log:\n{bench.log_tail()}"
             )
     bench.series.append(series)
     stored = [(t, count) for t, count in series.points if count > 0]
     first_at, start_count = stored[0]
     finished = next(t for t, count in stored if count >= total)
+    if counter is not None:
+        finished = max(finished, counter.last_at - sampler.started)
     seconds = max(finished - first_at, SAMPLE_S)
-    return [
-        {
-            "messages": total,
-            "qos": args.qos,
-            "events_per_s": round((total - start_count) / seconds),
-            "seconds": round(seconds, 2),
-            "preload_publish_rate": round(publish_rate),
-            **stats,
-            **metrics,
-        }
-    ]
+    tables = bench.db.table_counts()
+    row: dict[str, Any] = {
+        "messages": total,
+        "qos": args.qos,
+        "events_per_s": round((total - start_count) / seconds),
+        "rows_per_s": round((tables["events"] + tables["alerts"]) / seconds),
+        "seconds": round(seconds, 2),
+        **tables,
+    }
+    if counter is not None:
+        row["publishes_received"] = counter.received()
+        row["publishes_unique"] = counter.unique()
+    return {**row, "preload_publish_rate": round(publish_rate), **stats, **metrics}
+
+
+#: The ``storm`` scenario's rule: an alert and a QoS 1 publish for every telemetry message.
+STORM_RULE = """
+[[rules]]
+id = "storm"
+description = "benchmark: alert and publish for every telemetry message"
+topic = "devices/+/telemetry"
+when = "true"
+
+[[rules.actions]]
+type = "alert"
+severity = "info"
+
+[[rules.actions]]
+type = "publish"
+topic = "storm/{device_id}"
+qos = 1
+payload = { device = "{device_id}", seq = "{payload.seq}" }
+"""
+
+
+def _fleet_drain(bench: Bench, run: Run, extra_rules: str = "") -> dict[str, Any]:
+    """Drain a fleet backlog through the shipped configuration (plus ``extra_rules``)."""
+    args = bench.args
+    assert bench.db is not None
+    broker = bench.new_broker()
+    bench.db.reset()
+    config = bench.shipped_config(args.workers, extra_rules=extra_rules)
+    per_device = max(1, args.messages // args.devices)
+    total = per_device * args.devices
+    preload = partial(publish_fleet, broker.port, args.devices, per_device, args.publishers)
+    if not extra_rules:
+        return _drain(bench, run, config, total, preload)
+    with PublishCounter(broker.port, "storm/#") as counter:
+        return _drain(bench, run, config, total, preload, counter)
+
+
+def scenario_shipped(bench: Bench, run: Run) -> list[dict[str, Any]]:
+    return [{"devices": bench.args.devices, **_fleet_drain(bench, run)}]
+
+
+def scenario_storm(bench: Bench, run: Run) -> list[dict[str, Any]]:
+    return [{"devices": bench.args.devices, **_fleet_drain(bench, run, STORM_RULE)}]
 
 
 def scenario_latency(bench: Bench, run: Run) -> list[dict[str, Any]]:
@@ -1043,6 +1299,8 @@ def scenario_workers(bench: Bench, run: Run) -> list[dict[str, Any]]:
 
 SCENARIOS = {
     "drain": scenario_drain,
+    "shipped": scenario_shipped,
+    "storm": scenario_storm,
     "latency": scenario_latency,
     "http": scenario_http,
     "workers": scenario_workers,
@@ -1193,15 +1451,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="drain,latency,http",
-        help="comma-separated scenarios or ids: drain, latency, http, workers; "
-        "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL "
-        "(default: drain,latency,http)",
+        help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers; "
+        "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL, "
+        "S1=shipped, S2=storm (default: drain,latency,http)",
     )
     parser.add_argument(
         "--messages", type=int, default=100_000, help="backlog (drain) or flood (workers) size"
     )
     parser.add_argument(
         "--publishers", type=int, default=4, help="publisher processes (drain, workers)"
+    )
+    parser.add_argument(
+        "--devices", type=int, default=200, help="fleet size of the shipped and storm scenarios"
     )
     parser.add_argument("--qos", type=int, default=1, choices=[0, 1], help="drain and latency")
     parser.add_argument("--rate", type=float, default=5000, help="paced rate for latency (msg/s)")

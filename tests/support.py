@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import socket
 import sqlite3
@@ -119,6 +120,78 @@ def telemetry(seq: int) -> bytes:
             "ts": time.time(),
         }
     )
+
+
+class FleetDevice:
+    """One simulated sensor of a fleet, as real ones report: slow drifts, not random noise.
+
+    Its readings are deterministic (seeded by the fleet seed and the device index), so a test
+    can tell which shipped rules each reading should trip. Every ``HOT_EVERY``-th device sits
+    in warm, dry air (``overheat`` matches each reading), every ``LOW_BATTERY_EVERY``-th (from
+    ``LOW_BATTERY_AT``) runs on a battery below 15 % (``battery-low``), every
+    ``HEATING_EVERY``-th (from ``HEATING_AT``) warms up 0.25 degC per reading from 18 to 27
+    degC (``temperature-rising-fast`` over its ``ts``); the rest match nothing. Each reading
+    carries ``seq`` and the device's own clock ``ts`` (``interval_s`` apart, ending now).
+    """
+
+    HOT_EVERY = 12
+    LOW_BATTERY_EVERY, LOW_BATTERY_AT = 50, 7
+    HEATING_EVERY, HEATING_AT = 50, 23
+
+    def __init__(self, index: int, *, seed: int, first_ts: float, interval_s: float) -> None:
+        self.index = index
+        self.device_id = f"sensor-{index:04d}"
+        self.topic = f"devices/{self.device_id}/telemetry"
+        self.rng = random.Random(seed * 1_000_003 + index)
+        self.hot = index % self.HOT_EVERY == 0
+        self.heating = index % self.HEATING_EVERY == self.HEATING_AT and not self.hot
+        low = index % self.LOW_BATTERY_EVERY == self.LOW_BATTERY_AT
+        self.temperature = self.rng.uniform(30.6, 32.0) if self.hot else self.rng.uniform(16, 26)
+        if self.heating:
+            self.temperature = 18.0
+        self.humidity = self.rng.uniform(44, 54) if self.hot else self.rng.uniform(40, 75)
+        self.battery = 14.0 if low else self.rng.uniform(30, 100)
+        self.seq = 0
+        self.ts = first_ts + self.rng.uniform(0, interval_s)
+        self.interval_s = interval_s
+
+    def reading(self) -> dict[str, Any]:
+        """The next reading (and advance the device's clock)."""
+        rng = self.rng
+        if self.heating and self.temperature < 27:
+            self.temperature += 0.25
+        else:
+            low, high = (30.4, 33.0) if self.hot else (12.0, 28.5)
+            self.temperature = min(high, max(low, self.temperature + rng.gauss(0, 0.03)))
+        low, high = (40.0, 58.0) if self.hot else (30.0, 85.0)
+        self.humidity = min(high, max(low, self.humidity + rng.gauss(0, 0.1)))
+        self.battery = max(0.0, self.battery - 0.01)
+        payload = {
+            "seq": self.seq,
+            "ts": round(self.ts, 3),
+            "temperature": round(self.temperature, 1),
+            "humidity": round(self.humidity, 1),
+            "battery": round(self.battery, 1),
+            "charging": False,
+        }
+        self.seq += 1
+        self.ts += self.interval_s
+        return payload
+
+
+def fleet(
+    devices: int, per_device: int, *, seed: int = 7, interval_s: float = 5.0
+) -> list[FleetDevice]:
+    """The devices of a fleet whose ``per_device`` readings end about now."""
+    first_ts = time.time() - per_device * interval_s
+    return [
+        FleetDevice(i, seed=seed, first_ts=first_ts, interval_s=interval_s) for i in range(devices)
+    ]
+
+
+def fleet_messages(devices: list[FleetDevice], per_device: int) -> list[tuple[str, dict[str, Any]]]:
+    """``per_device`` readings of every device, interleaved as a fleet sends them."""
+    return [(d.topic, d.reading()) for _ in range(per_device) for d in devices]
 
 
 def mosquitto_available() -> bool:
