@@ -178,29 +178,18 @@ class Pipeline:
         return derived
 
     async def _run_plugins(self, work: list[Event]) -> list[Event]:
+        """Each plugin over the events it subscribes to, in one batch call per plugin."""
         by_plugin: dict[str, list[Event]] = {}
         for event in work:
             for name in self._plugins.plugins_for(event.topic):
                 by_plugin.setdefault(name, []).append(event)
         derived: list[Event] = []
         for name, events in by_plugin.items():
-            if self._plugins.manifest(name).exports.on_batch is not None:
-                derived.extend(await self._call_batch(name, events))
-                continue
-            for outcome in await self._plugins.call_many(name, events):
-                if outcome.error is None:
-                    derived.extend(outcome.outputs)
-                else:
-                    await self._plugin_failed(outcome.event, outcome.error)
+            outcome = await self._plugins.call_batch(name, events)
+            derived.extend(outcome.outputs)
+            for event, error in outcome.failed:
+                await self._plugin_failed(event, error)
         return derived
-
-    async def _call_batch(self, name: str, events: list[Event]) -> list[Event]:
-        try:
-            return await self._plugins.call_batch(name, events)
-        except PluginError as exc:
-            for event in events:
-                await self._plugin_failed(event, exc)
-            return []
 
     async def _plugin_failed(self, event: Event, error: PluginError) -> None:
         """Keep the event the plugin could not handle as a dead letter with the reason."""

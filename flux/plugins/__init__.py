@@ -13,12 +13,13 @@ from flux.plugins.errors import (
     PluginTrap,
     PoolExhausted,
 )
-from flux.plugins.manager import CallOutcome, PluginManager, ReloadReport
+from flux.plugins.manager import BatchOutcome, CallOutcome, PluginManager, ReloadReport
 from flux.plugins.manifest import ABI_VERSION, PluginManifest, load_manifest
 from flux.plugins.pool import PoolStats
 
 __all__ = [
     "ABI_VERSION",
+    "BatchOutcome",
     "CallOutcome",
     "PluginError",
     "PluginHopLimit",

@@ -76,8 +76,30 @@ class PluginOutput(NamedTuple):
     parent: int
 
 
+class PluginRejection(NamedTuple):
+    """One message of a batch the plugin refused (``{"index": i, "error": reason}``)."""
+
+    parent: int
+    reason: str
+
+
 def _address(obj: Any) -> int:
     return ctypes.addressof(obj)
+
+
+def _per_message(count: int) -> str:
+    """How a limit message names the batch scaling (empty for one message)."""
+    return f" per message, x{count} for this batch" if count > 1 else ""
+
+
+def _rejection(item: Any, count: int) -> PluginRejection | None:
+    """Read ``{"index": i, "error": reason}`` (no payload): message ``i`` refused."""
+    if not isinstance(item, dict) or "error" not in item or "payload" in item:
+        return None
+    index = item.get("index", 0)
+    if type(index) is not int or not 0 <= index < count:
+        return None
+    return PluginRejection(index, str(item["error"])[:500])
 
 
 class PluginInstance:
@@ -124,9 +146,14 @@ class PluginInstance:
         self._free = self._func(exports, names.free) if names.free else 0
         self._in_ptr = 0
         self._in_cap = 0
-        # Per-call host-import state.
+        # Per-call state: host imports, the limits of this call (per message, times the
+        # batch), and the batch's rejected messages.
         self._emitted: list[PluginOutput] = []
         self._emitted_bytes = 0
+        self._call_max_outputs = self._max_outputs
+        self._call_max_bytes = self._max_output_bytes
+        #: Messages of the last batch call the plugin refused, each with its reason.
+        self.rejected: list[PluginRejection] = []
         self._host_error: str | None = None
         self._log_lines = 0
         if names.abi_version:
@@ -180,8 +207,11 @@ class PluginInstance:
     def call(self, data: bytes, *, batch: bool = False, count: int = 1) -> list[PluginOutput]:
         """Run ``on_msg`` (or ``on_batch`` over ``count`` messages) on ``data``; return outputs.
 
-        Raises a ``PluginError``; after a trap, timeout, limit or output error ``failure`` is
-        set and the instance must be recycled. ``PluginRejected`` leaves it healthy.
+        Fuel, ``max_outputs`` and ``max_output_bytes`` are per message: a batch of ``count``
+        gets ``count`` times each. Messages of a batch the plugin refused one by one are in
+        ``rejected`` afterwards. Raises a ``PluginError``; after a trap, timeout, limit or
+        output error ``failure`` is set and the instance must be recycled.
+        ``PluginRejected`` (the whole input refused) leaves it healthy.
         """
         if self._store is None or self.failure is not None:
             raise PluginError("instance is closed", plugin=self.plugin)
@@ -199,6 +229,9 @@ class PluginInstance:
         args[1].i32 = size
         self._emitted = []
         self._emitted_bytes = 0
+        self._call_max_outputs = max_outputs = self._max_outputs * count
+        self._call_max_bytes = max_bytes = self._max_output_bytes * count
+        self.rejected = []
         self._host_error = None
         self._log_lines = 0
         previous, _host.current.target = _host.current.target, self
@@ -228,21 +261,24 @@ class PluginInstance:
                     "bytes)",
                     plugin=self.plugin,
                 )
-            if length + self._emitted_bytes > self._max_output_bytes:
+            if length + self._emitted_bytes > max_bytes:
                 self.failure = "error"
                 raise PluginOutputError(
                     f"output is {length} bytes; limits.max_output_bytes is "
-                    f"{self._max_output_bytes}",
+                    f"{self._max_output_bytes}{_per_message(count)}",
                     plugin=self.plugin,
                 )
             blob = _string_at(_memory_data(self._ctx, self._mem) + ptr, length)
             outputs = outputs + self._parse(blob, count)
-        if len(outputs) > self._max_outputs:
+        if len(outputs) > max_outputs:
             self.failure = "error"
             raise PluginOutputError(
-                f"{len(outputs)} outputs; limits.max_outputs is {self._max_outputs}",
+                f"{len(outputs)} outputs; limits.max_outputs is {self._max_outputs}"
+                f"{_per_message(count)}",
                 plugin=self.plugin,
             )
+        if self.rejected and not batch:
+            raise PluginRejected(self.rejected[0].reason, plugin=self.plugin)
         return outputs
 
     def _grow_input(self, size: int) -> None:
@@ -338,6 +374,10 @@ class PluginInstance:
             raise PluginOutputError("output must be a JSON array of objects", plugin=self.plugin)
         outputs: list[PluginOutput] = []
         for position, item in enumerate(value):
+            rejection = _rejection(item, count)
+            if rejection is not None:
+                self.rejected.append(rejection)
+                continue
             output = self._output(item, count)
             if output is None:
                 self.failure = "error"
@@ -401,14 +441,12 @@ class PluginInstance:
             return
         topic_len &= _MASK32
         payload_len &= _MASK32
-        if len(self._emitted) >= self._max_outputs:
-            self._host_error = f"more than limits.max_outputs ({self._max_outputs}) emits"
+        if len(self._emitted) >= self._call_max_outputs:
+            self._host_error = f"more than limits.max_outputs ({self._call_max_outputs}) emits"
             return
         self._emitted_bytes += topic_len + payload_len
-        if self._emitted_bytes > self._max_output_bytes:
-            self._host_error = (
-                f"emitted more than limits.max_output_bytes ({self._max_output_bytes})"
-            )
+        if self._emitted_bytes > self._call_max_bytes:
+            self._host_error = f"emitted more than limits.max_output_bytes ({self._call_max_bytes})"
             return
         topic = self._read(caller, topic_ptr & _MASK32, topic_len)
         payload = self._read(caller, payload_ptr & _MASK32, payload_len)
@@ -427,4 +465,4 @@ class PluginInstance:
         self._emitted.append(PluginOutput(topic_text or None, value, 0))
 
 
-__all__ = ["PluginInstance", "PluginOutput"]
+__all__ = ["PluginInstance", "PluginOutput", "PluginRejection"]

@@ -40,6 +40,8 @@ from flux.plugins.errors import (
     PluginLoadError,
     PluginNotFound,
     PluginOutputError,
+    PluginRejected,
+    PoolExhausted,
 )
 from flux.plugins.instance import PluginInstance, PluginOutput
 from flux.plugins.manifest import MANIFEST_NAME, PluginManifest, load_manifest
@@ -61,6 +63,14 @@ class CallOutcome:
     event: Event
     outputs: list[Event]
     error: PluginError | None = None
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What ``call_batch`` produced: the derived events, and each event that failed, with why."""
+
+    outputs: list[Event] = field(default_factory=list)
+    failed: list[tuple[Event, PluginError]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -283,13 +293,21 @@ class PluginManager:
     # -- calls -----------------------------------------------------------------------------------
 
     async def call(self, name: str, event: Event) -> list[Event]:
-        """Run the plugin's ``on_msg`` on one event; return the events it emitted.
+        """Run the plugin on one event (``on_msg``, or a batch of one for a plugin with only
+        ``on_batch``); return the events it emitted.
 
         Raises a ``PluginError`` (``PluginTrap``, ``PluginTimeout``, ``PluginLimitExceeded``,
         ``PluginOutputError``, ``PluginRejected``, ``PoolExhausted``, ...); the caller decides
         whether the event goes to the dead letters. The process is never at risk.
         """
-        self._check_hops(name, event)
+        if self.manifest(name).exports.on_msg is None:
+            outcome = await self.call_batch(name, [event])
+            if outcome.failed:
+                raise outcome.failed[0][1]
+            return outcome.outputs
+        hop_limit = self._hop_limit(name, event)
+        if hop_limit is not None:
+            raise hop_limit
         results, loaded = await self._run(name, lambda m: [encode_event(m, event)])
         result = results[0]
         if result.error is not None:
@@ -299,44 +317,98 @@ class PluginManager:
     async def call_many(self, name: str, events: Sequence[Event]) -> list[CallOutcome]:
         """Run ``on_msg`` on each event with one instance lease (one thread hop); return one
         outcome per event, in order. A trap recycles the instance and the rest continue."""
-        if not events:
-            return []
-        for event in events:
-            self._check_hops(name, event)
-        results, loaded = await self._run(name, lambda m: [encode_event(m, e) for e in events])
-        outcomes: list[CallOutcome] = []
-        for event, result in zip(events, results, strict=True):
-            if result.error is not None:
-                outcomes.append(CallOutcome(event, [], result.error))
-                continue
-            try:
-                derived = self._derive(loaded.manifest, result.outputs, (event,))
-            except PluginOutputError as exc:
-                outcomes.append(CallOutcome(event, [], exc))
+        outcomes: dict[int, CallOutcome] = {}
+        ready: list[Event] = []
+        for position, event in enumerate(events):
+            hop_limit = self._hop_limit(name, event)
+            if hop_limit is None:
+                ready.append(event)
             else:
-                outcomes.append(CallOutcome(event, derived))
-        return outcomes
+                outcomes[position] = CallOutcome(event, [], hop_limit)
+        if ready:
+            results, loaded = await self._run(name, lambda m: [encode_event(m, e) for e in ready])
+            called = iter(zip(ready, results, strict=True))
+            for position in range(len(events)):
+                if position not in outcomes:
+                    event, result = next(called)
+                    outcomes[position] = self._outcome(loaded.manifest, event, result)
+        return [outcomes[position] for position in range(len(events))]
 
-    async def call_batch(self, name: str, events: Sequence[Event]) -> list[Event]:
-        """Run the plugin's ``on_batch`` once over all events; return the events it emitted.
+    def _outcome(self, manifest: PluginManifest, event: Event, result: CallResult) -> CallOutcome:
+        if result.error is not None:
+            return CallOutcome(event, [], result.error)
+        try:
+            return CallOutcome(event, self._derive(manifest, result.outputs, (event,)))
+        except PluginOutputError as exc:
+            return CallOutcome(event, [], exc)
 
-        Each output may name the input it belongs to (``index``); it defaults to the first.
-        Fuel for the call is ``limits.fuel`` times the number of events.
+    async def call_batch(self, name: str, events: Sequence[Event]) -> BatchOutcome:
+        """Run the plugin over ``events``: its ``on_batch`` when it exports one (in calls of
+        at most ``limits.max_batch`` events, fuel and output limits times the events), else
+        ``on_msg`` per event; return the events emitted and the events that failed.
+
+        A batch output may name the input it belongs to (``index``; default the first) or
+        refuse one input (``{"index": i, "error": ...}``). A batch call that fails as a whole
+        is retried in halves until the failing events are alone, so one bad event cannot
+        take the rest of its batch to the dead letters.
         """
-        if not events:
-            return []
-        loaded = self._get(name)
-        if loaded.manifest.exports.on_batch is None:
-            raise PluginError("does not export a batch entry (exports.on_batch)", plugin=name)
+        outcome = BatchOutcome()
+        ready: list[Event] = []
         for event in events:
-            self._check_hops(name, event)
+            hop_limit = self._hop_limit(name, event)
+            if hop_limit is None:
+                ready.append(event)
+            else:
+                outcome.failed.append((event, hop_limit))
+        if not ready:
+            return outcome
+        manifest = self.manifest(name)
+        if manifest.exports.on_batch is None:
+            for item in await self.call_many(name, ready):
+                if item.error is None:
+                    outcome.outputs.extend(item.outputs)
+                else:
+                    outcome.failed.append((item.event, item.error))
+            return outcome
+        size = manifest.limits.max_batch
+        for start in range(0, len(ready), size):
+            await self._batch(name, ready[start : start + size], outcome, first_try=True)
+        return outcome
+
+    async def _batch(
+        self, name: str, events: Sequence[Event], outcome: BatchOutcome, *, first_try: bool
+    ) -> None:
+        """One ``on_batch`` call into ``outcome``; on failure, the same in two halves."""
         results, loaded = await self._run(
             name, lambda m: [encode_batch(m, events)], batch=True, count=len(events)
         )
         result = results[0]
-        if result.error is not None:
-            raise result.error
-        return self._derive(loaded.manifest, result.outputs, events)
+        error = result.error
+        if error is None:
+            try:
+                outcome.outputs.extend(self._derive(loaded.manifest, result.outputs, events))
+            except PluginOutputError as exc:
+                error = exc
+            else:
+                outcome.failed.extend(
+                    (events[r.parent], PluginRejected(r.reason, plugin=name))
+                    for r in result.rejected
+                )
+                return
+        if len(events) == 1 or isinstance(error, PoolExhausted):
+            outcome.failed.extend((event, error) for event in events)
+            return
+        if first_try:
+            log.warning(
+                "plugin %s: a batch of %d events failed (%s); retrying in halves to find "
+                "the events that fail",
+                name,
+                len(events),
+                error,
+            )
+        half = len(events) // 2
+        await self._batch(name, events[:half], outcome, first_try=False)
+        await self._batch(name, events[half:], outcome, first_try=False)
 
     async def test(self, name: str, data: bytes, *, topic: str | None = None) -> list[Event]:
         """Call a plugin on a sample message (``flux plugins test``); JSON input is parsed."""
@@ -363,13 +435,15 @@ class PluginManager:
         )
         return await self.call(name, event)
 
-    def _check_hops(self, name: str, event: Event) -> None:
-        if event.hops >= self.max_hops:
-            raise PluginHopLimit(
-                f"event {event.id} has passed {event.hops} hops (max {self.max_hops}); "
-                "is a plugin feeding itself?",
-                plugin=name,
-            )
+    def _hop_limit(self, name: str, event: Event) -> PluginHopLimit | None:
+        """The error for an event that has passed too many hops (a plugin feeding itself)."""
+        if event.hops < self.max_hops:
+            return None
+        return PluginHopLimit(
+            f"event {event.id} has passed {event.hops} hops (max {self.max_hops}); "
+            "is a plugin feeding itself?",
+            plugin=name,
+        )
 
     async def _run(
         self,
@@ -572,4 +646,11 @@ class PluginManager:
         return pool
 
 
-__all__ = ["CallOutcome", "PluginManager", "ReloadReport", "encode_batch", "encode_event"]
+__all__ = [
+    "BatchOutcome",
+    "CallOutcome",
+    "PluginManager",
+    "ReloadReport",
+    "encode_batch",
+    "encode_event",
+]

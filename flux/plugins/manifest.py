@@ -62,7 +62,13 @@ class PoolSpec(_Spec):
 
 
 class LimitsSpec(_Spec):
-    """Hard limits for every call. Exactly one of ``fuel`` (per message) and ``timeout_ms``."""
+    """Hard limits for every call. Exactly one of ``fuel`` (per message) and ``timeout_ms``.
+
+    ``fuel``, ``max_output_bytes`` and ``max_outputs`` are per message: an ``on_batch`` call
+    over N messages gets N times each. Memory, stack and tables are per instance.
+    ``max_batch`` is the most messages one ``on_batch`` call receives (larger batches are
+    split).
+    """
 
     fuel: int | None = Field(None, ge=1_000, le=10**12)
     timeout_ms: int | None = Field(None, ge=1, le=60_000)
@@ -71,6 +77,7 @@ class LimitsSpec(_Spec):
     max_table_elements: int = Field(10_000, ge=0, le=10_000_000)
     max_output_bytes: int = Field(_MiB, ge=64, le=64 * _MiB)
     max_outputs: int = Field(256, ge=0, le=100_000)
+    max_batch: int = Field(256, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _one_budget(self) -> LimitsSpec:

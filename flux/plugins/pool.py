@@ -26,7 +26,7 @@ from typing import Any
 
 from flux.plugins import metrics
 from flux.plugins.errors import PluginError, PoolExhausted
-from flux.plugins.instance import PluginInstance, PluginOutput
+from flux.plugins.instance import PluginInstance, PluginOutput, PluginRejection
 from flux.plugins.runtime import PluginRuntime
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,11 @@ class PoolClosed(PluginError):
 
 @dataclass(slots=True)
 class CallResult:
-    """One call as ``run`` saw it: outputs or error, why the instance was recycled, time."""
+    """One call as ``run`` saw it: outputs (and a batch's refused messages) or error, why
+    the instance was recycled, time."""
 
     outputs: list[PluginOutput] = field(default_factory=list)
+    rejected: list[PluginRejection] = field(default_factory=list)
     error: PluginError | None = None
     recycle_reason: str | None = None
     seconds: float = 0.0
@@ -282,6 +284,7 @@ class InstancePool:
                 result.outputs = current.call(
                     data, batch=batch, count=counts[position] if counts else 1
                 )
+                result.rejected = current.rejected
             except PluginError as exc:
                 result.error = exc
             except Exception as exc:  # a host-side bug must not leak the instance

@@ -150,7 +150,9 @@ async def test_batch_stats_summarises_each_device(shipped: PluginManager) -> Non
         event(f"devices/d{i % 2}/telemetry", {"temperature": 20 + i, "status": "ok", "n": i})
         for i in range(6)
     ]
-    outputs = await shipped.call_batch("batch-stats", events)
+    outcome = await shipped.call_batch("batch-stats", events)
+    assert outcome.failed == []
+    outputs = outcome.outputs
     by_topic = {e.topic: e for e in outputs}
     assert set(by_topic) == {"devices/d0/stats", "devices/d1/stats"}
     d0 = by_topic["devices/d0/stats"].payload
@@ -168,11 +170,13 @@ async def test_batch_stats_summarises_each_device(shipped: PluginManager) -> Non
     assert all(e.hops == 1 for e in outputs)
 
 
-async def test_batch_only_plugin_refuses_single_calls(shipped: PluginManager) -> None:
-    from flux.plugins import PluginError
-
-    with pytest.raises(PluginError, match="on_msg"):
-        await shipped.call("batch-stats", event("devices/d/telemetry", {"temperature": 1}))
+async def test_batch_only_plugin_takes_a_single_event_as_a_batch_of_one(
+    shipped: PluginManager,
+) -> None:
+    [out] = await shipped.call("batch-stats", event("devices/d/telemetry", {"temperature": 1}))
+    assert out.topic == "devices/d/stats"
+    assert out.payload["fields"]["temperature"]["last"] == 1
+    assert shipped.stats("batch-stats").total_executions == 1
 
 
 async def test_decoder_output_feeds_enrich(shipped: PluginManager) -> None:

@@ -12,6 +12,10 @@
 //! A payload without a temperature produces no output. The output has no topic, so it goes
 //! to the manifest's `output_topic` (`devices/{device_id}/enriched`).
 //!
+//! `on_batch` does the same for a batch of envelopes (`[{"topic", "device_id", "payload"},
+//! ...]`): one output per event with a temperature, carrying that event's `index`, and
+//! `{"index": i, "error": ...}` for an event whose payload `on_msg` would reject.
+//!
 //! Built with Debian's rustc and its wasm32 standard library (no cargo, no crates):
 //! `rustc --target wasm32-unknown-unknown --crate-type cdylib -O src/lib.rs`.
 
@@ -48,20 +52,84 @@ pub extern "C" fn flux_abi_version() -> i32 {
 /// The output buffer, reused by every call: valid until the next call, as the ABI requires.
 static mut OUT: String = String::new();
 
+fn packed(out: &String) -> i64 {
+    ((out.as_ptr() as u64) << 32 | out.len() as u64) as i64
+}
+
+fn rejected(out: &mut String, why: &str) -> i64 {
+    out.clear();
+    let _ = write!(out, "{{\"error\":\"{}\"}}", why);
+    packed(out)
+}
+
 #[no_mangle]
 pub extern "C" fn on_msg(ptr: u32, len: u32) -> i64 {
     let input = unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) };
     let out = unsafe { &mut OUT };
     out.clear();
+    out.push_str("[{");
     match enrich(input, out) {
-        Ok(true) => ((out.as_ptr() as u64) << 32 | out.len() as u64) as i64,
+        Ok(true) => {
+            out.push_str("}]");
+            packed(out)
+        }
         Ok(false) => 0,
-        Err(why) => {
-            out.clear();
-            let _ = write!(out, "{{\"error\":\"{}\"}}", why);
-            ((out.as_ptr() as u64) << 32 | out.len() as u64) as i64
+        Err(why) => rejected(out, why),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn on_batch(ptr: u32, len: u32) -> i64 {
+    let input = unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) };
+    let out = unsafe { &mut OUT };
+    out.clear();
+    match enrich_batch(input, out) {
+        Ok(()) => packed(out),
+        Err(why) => rejected(out, why),
+    }
+}
+
+/// Every envelope's payload through `enrich`, each output tagged with its event's index.
+fn enrich_batch(input: &[u8], out: &mut String) -> Result<(), &'static str> {
+    let mut p = Parser { s: input, i: 0 };
+    p.ws();
+    p.expect(b'[')?;
+    out.push('[');
+    p.ws();
+    if p.peek() == Some(b']') {
+        out.push(']');
+        return Ok(());
+    }
+    let mut index = 0usize;
+    loop {
+        p.ws();
+        let payload = p.envelope_payload()?;
+        let mark = out.len();
+        if mark > 1 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"index\":{},", index);
+        match payload.map(|(start, end)| enrich(&input[start..end], out)) {
+            Some(Ok(true)) => out.push('}'),
+            Some(Err(why)) => {
+                out.truncate(mark);
+                if mark > 1 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{{\"index\":{},\"error\":\"{}\"}}", index, why);
+            }
+            _ => out.truncate(mark),
+        }
+        index += 1;
+        p.ws();
+        match p.next() {
+            Some(b',') => continue,
+            Some(b']') => break,
+            _ => return Err("malformed batch array"),
         }
     }
+    out.push(']');
+    Ok(())
 }
 
 struct Reading {
@@ -71,6 +139,8 @@ struct Reading {
     close: usize,
 }
 
+/// Write `"payload":{...}` (the input object plus the derived values) and return true, or
+/// write nothing and return false when there is no temperature.
 fn enrich(input: &[u8], out: &mut String) -> Result<bool, &'static str> {
     let reading = scan(input)?;
     let t = match reading.temperature {
@@ -79,7 +149,7 @@ fn enrich(input: &[u8], out: &mut String) -> Result<bool, &'static str> {
     };
     // Echo the object up to (not including) its closing brace, then append our fields.
     let body = std::str::from_utf8(&input[..reading.close]).map_err(|_| "payload is not UTF-8")?;
-    out.push_str("[{\"payload\":");
+    out.push_str("\"payload\":");
     out.push_str(body);
     if reading.members > 0 {
         out.push(',');
@@ -114,7 +184,7 @@ fn enrich(input: &[u8], out: &mut String) -> Result<bool, &'static str> {
         out.push_str(alarm);
         out.push('"');
     }
-    out.push_str("]}}]");
+    out.push_str("]}");
     Ok(true)
 }
 
@@ -233,6 +303,74 @@ impl<'a> Parser<'a> {
                 Some(b'\\') => self.i += 1,
                 Some(_) => {}
                 None => return Err("unterminated string"),
+            }
+        }
+    }
+    /// Scan one batch envelope; return the byte range of its `payload` object, if any.
+    fn envelope_payload(&mut self) -> Result<Option<(usize, usize)>, &'static str> {
+        self.expect(b'{')?;
+        let mut payload = None;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(None);
+        }
+        loop {
+            self.ws();
+            let (start, end) = self.string()?;
+            let is_payload = &self.s[start..end] == b"payload";
+            self.ws();
+            self.expect(b':')?;
+            self.ws();
+            let value_start = self.i;
+            self.skip_any()?;
+            if is_payload && self.s.get(value_start) == Some(&b'{') {
+                payload = Some((value_start, self.i));
+            }
+            self.ws();
+            match self.next() {
+                Some(b',') => continue,
+                Some(b'}') => return Ok(payload),
+                _ => return Err("malformed batch envelope"),
+            }
+        }
+    }
+    /// Skip one value of any depth, without recursion (`value` limits the depth it reads).
+    fn skip_any(&mut self) -> Result<(), &'static str> {
+        let mut depth = 0usize;
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    self.string()?;
+                }
+                Some(b'{' | b'[') => {
+                    depth += 1;
+                    self.i += 1;
+                }
+                Some(b'}' | b']') => {
+                    if depth == 0 {
+                        return Err("malformed JSON");
+                    }
+                    depth -= 1;
+                    self.i += 1;
+                }
+                Some(b',' | b':' | b' ' | b'\t' | b'\n' | b'\r') if depth > 0 => self.i += 1,
+                Some(_) => {
+                    let start = self.i;
+                    while let Some(c) = self.peek() {
+                        if matches!(c, b',' | b'}' | b']' | b':' | b' ' | b'\t' | b'\n' | b'\r') {
+                            break;
+                        }
+                        self.i += 1;
+                    }
+                    if self.i == start {
+                        return Err("malformed JSON");
+                    }
+                }
+                None => return Err("malformed JSON"),
+            }
+            if depth == 0 {
+                return Ok(());
             }
         }
     }
