@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -36,7 +37,6 @@ from flux.pipeline import (
     STORE_SUBSCRIBER,
     JointAck,
     Pipeline,
-    publish_handler,
     retry_through_outages,
 )
 from flux.plugins import PluginManager
@@ -188,7 +188,6 @@ class Gateway:
         self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
         await self.reload_rules()
         self.actions = ActionExecutor(max_hops=rules.max_hops)
-        self.actions.register("publish", publish_handler(self._publish_mqtt))
         hooks = settings.webhooks
         self.outbox = await self._stack.enter_async_context(
             WebhookOutbox(
@@ -214,6 +213,7 @@ class Gateway:
             actions=self.actions,
             write_alerts=self.writer.write_alerts,
             dead_letter=self.dead_letter,
+            publish=self._publish_mqtt,
             max_hops=max(rules.max_hops, settings.plugins.max_hops),
         )
         self._stack.callback(self.pipeline.close)
@@ -236,11 +236,20 @@ class Gateway:
         return result
 
     async def _publish_mqtt(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        hops: int,
+        confirm: Callable[[], None],
     ) -> None:
         if self.publisher is None:
             raise RuntimeError("MQTT is not running; message not published")
-        await self.publisher.publish(topic, payload, qos=qos, retain=retain, hops=hops)
+        await self.publisher.publish(
+            topic, payload, qos=qos, retain=retain, hops=hops, confirm=confirm
+        )
 
     async def publish(self, event: Event) -> None:
         """Put an ingested event on the bus.

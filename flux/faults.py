@@ -15,8 +15,9 @@ import os
 import signal
 
 #: Points the store writer passes: inside the transaction after the inserts, right after
-#: the commit (before any acknowledgement), and after each acknowledgement of a batch.
-KILL_POINTS = ("before_commit", "after_commit", "mid_ack")
+#: the commit (before any acknowledgement), and after each acknowledgement of a batch; and
+#: the rule publisher's, right after it wrote publishes (before their PUBACKs come back).
+KILL_POINTS = ("before_commit", "after_commit", "mid_ack", "publish_written")
 #: Points that raise a database error instead: inside the events' write transaction.
 ERROR_POINTS = ("db_io_error",)
 POINTS = KILL_POINTS + ERROR_POINTS

@@ -8,9 +8,10 @@ queue is safe. The pipeline does not wait for their commit: it moves on to the n
 and confirms batches in order as their derived events commit.
 
 Acknowledgement: an ingested event the pipeline accepts carries a ``JointAck`` that fires
-only when both the store has committed the event and the pipeline has committed everything
-the event caused (derived events, alert rows, webhook outbox rows). A crash in between means
-redelivery, so an alert is never lost for a message that was acknowledged.
+only when both the store has committed the event and the pipeline has confirmed everything
+the event caused: derived events, dead letters and alert rows committed, webhook outbox rows
+committed, rule publishes PUBACKed by the broker. A crash in between means redelivery, so
+an alert or a publish is never lost for a message that was acknowledged.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from flux.bus import BusClosed, EventBus
 from flux.errors import StoreUnavailable
@@ -42,6 +43,23 @@ from flux.rules import (
 log = logging.getLogger(__name__)
 
 PIPELINE_SUBSCRIBER = "pipeline"
+
+
+class Publish(Protocol):
+    """Send an MQTT message; ``confirm`` runs once the broker has it (``MqttPublisher``)."""
+
+    async def __call__(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        hops: int,
+        confirm: Callable[[], None],
+    ) -> None: ...
+
+
 STORE_SUBSCRIBER = "store"
 
 
@@ -61,10 +79,12 @@ class JointAck:
 
 
 class _BatchConfirmation:
-    """Confirm one batch's events once every derived event it handed to the store commits.
+    """Confirm one batch's events once everything it handed on is confirmed: derived events
+    and dead letters committed by the store, publishes PUBACKed by the broker.
 
     The pipeline goes on with the next batch meanwhile (waiting here would leave the CPU
-    idle for each commit's fsync); ``Pipeline`` confirms batches strictly in order.
+    idle for each commit's fsync and each broker round trip); ``Pipeline`` confirms batches
+    strictly in order.
     """
 
     __slots__ = ("batch", "outstanding", "sealed")
@@ -91,6 +111,7 @@ class Pipeline:
         actions: ActionExecutor,
         write_alerts: Callable[[Sequence[dict[str, Any]]], Awaitable[None]],
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
+        publish: Publish,
         max_hops: int,
     ) -> None:
         self._bus = bus
@@ -99,15 +120,19 @@ class Pipeline:
         self._actions = actions
         self._write_alerts = write_alerts
         self._dead_letter = dead_letter
+        self._publish = publish
         self._max_hops = max_hops
         # Filled by the action handlers while a batch's matches execute.
         self._alerts: list[dict[str, Any]] = []
         self._derived: list[Event] = []
-        # Batches handled but not yet confirmed, oldest first (see ``handle``).
+        # Batches handled but not yet confirmed, oldest first (see ``handle``); ``_current``
+        # is the one being handled.
         self._unconfirmed: deque[_BatchConfirmation] = deque()
+        self._current = _BatchConfirmation([])
         self._unregister = [
             actions.register("alert", self._alert_action),
             actions.register("plugin", self._plugin_action),
+            actions.register("publish", self._publish_action),
         ]
 
     def close(self) -> None:
@@ -128,15 +153,14 @@ class Pipeline:
         batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
         the batch stays unconfirmed and the broker redelivers it.
         """
-        confirmation = _BatchConfirmation(batch)
+        confirmation = self._current = _BatchConfirmation(batch)
         self._unconfirmed.append(confirmation)
         try:
             work = batch
             while work:
                 derived = await self._process(work)
                 for event in derived:
-                    event.ack = partial(self._derived_committed, confirmation)
-                    confirmation.outstanding += 1
+                    event.ack = self._part(confirmation)
                     try:
                         await self._bus.publish(event, to=STORE_SUBSCRIBER)
                     except BaseException:
@@ -152,7 +176,13 @@ class Pipeline:
         confirmation.sealed = True
         self._confirm_ready()
 
-    def _derived_committed(self, confirmation: _BatchConfirmation) -> None:
+    def _part(self, confirmation: _BatchConfirmation) -> Callable[[], None]:
+        """Count one more thing ``confirmation`` waits for; return the callable that
+        confirms it (an acknowledgement hook)."""
+        confirmation.outstanding += 1
+        return partial(self._part_confirmed, confirmation)
+
+    def _part_confirmed(self, confirmation: _BatchConfirmation) -> None:
         confirmation.outstanding -= 1
         if confirmation.ready:
             self._confirm_ready()
@@ -192,17 +222,23 @@ class Pipeline:
         return derived
 
     async def _plugin_failed(self, event: Event, error: PluginError) -> None:
-        """Keep the event the plugin could not handle as a dead letter with the reason."""
-        await self._dead_letter(
-            DeadLetter(
-                topic=event.topic,
-                raw=event.raw,
-                reason=f"plugin_{error.result}",
-                detail=f"{error.fields.get('plugin', '?')}: {error.message}",
-                received_at=event.received_at,
-                source=event.source,
-            )
+        """Keep the event the plugin could not handle as a dead letter with the reason; the
+        batch is confirmed only once the dead letter is committed."""
+        confirmation = self._current
+        letter = DeadLetter(
+            topic=event.topic,
+            raw=event.raw,
+            reason=f"plugin_{error.result}",
+            detail=f"{error.fields.get('plugin', '?')}: {error.message}",
+            received_at=event.received_at,
+            source=event.source,
+            ack=self._part(confirmation),
         )
+        try:
+            await self._dead_letter(letter)
+        except BaseException:
+            confirmation.outstanding -= 1
+            raise
 
     # -- action handlers (called by ActionExecutor while a batch's matches execute) ---------
 
@@ -211,6 +247,25 @@ class Pipeline:
 
     async def _plugin_action(self, match: RuleMatch, action: PluginAction) -> None:
         self._derived.extend(await self._plugins.call(action.name, match.event))
+
+    async def _publish_action(self, match: RuleMatch, action: PublishAction) -> None:
+        """Hand the message to the publishing session; the batch is confirmed once the
+        broker has it (PUBACK for QoS 1)."""
+        message = publish_message(match, action)
+        confirmation = self._current
+        confirm = self._part(confirmation)
+        try:
+            await self._publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                hops=message.hops,
+                confirm=confirm,
+            )
+        except BaseException:
+            confirmation.outstanding -= 1
+            raise
 
 
 def retry_through_outages(
@@ -236,29 +291,10 @@ def retry_through_outages(
     return handler_with_retry
 
 
-def publish_handler(
-    publish: Callable[..., Awaitable[None]],
-) -> Callable[[RuleMatch, PublishAction], Awaitable[None]]:
-    """Return the ``publish`` action handler that sends through the gateway's publisher."""
-
-    async def handler(match: RuleMatch, action: PublishAction) -> None:
-        message = publish_message(match, action)
-        await publish(
-            message.topic,
-            message.payload,
-            qos=message.qos,
-            retain=message.retain,
-            hops=message.hops,
-        )
-
-    return handler
-
-
 __all__ = [
     "PIPELINE_SUBSCRIBER",
     "STORE_SUBSCRIBER",
     "JointAck",
     "Pipeline",
-    "publish_handler",
     "retry_through_outages",
 ]

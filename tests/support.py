@@ -65,10 +65,15 @@ async def wait_until(
 class PrivateMosquitto:
     """A Mosquitto of the test's own on a free port; stoppable and restartable."""
 
-    def __init__(self, *, port: int | None = None, persistent: bool = True) -> None:
+    def __init__(
+        self, *, port: int | None = None, persistent: bool = True, max_inflight: int = 0
+    ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flux-mosq-"))
         self.persistent = persistent
+        #: Mosquitto's max_inflight_messages, also the Receive Maximum it announces (0: its
+        #: default, 20).
+        self.max_inflight = max_inflight
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -78,6 +83,8 @@ class PrivateMosquitto:
             "allow_anonymous true",
             "max_queued_messages 100000",
         ]
+        if self.max_inflight:
+            lines.append(f"max_inflight_messages {self.max_inflight}")
         if self.persistent:
             lines += ["persistence true", f"persistence_location {self.dir}/"]
         config.write_text("\n".join(lines) + "\n")

@@ -1,15 +1,20 @@
-"""Rule ``publish`` actions on an MQTT session of their own, with flow control.
+"""Rule ``publish`` actions on an MQTT session of their own: handed off, pipelined, confirmed.
 
-On the ingest session a burst of QoS 1 publishes larger than the broker's Receive Maximum
-(Mosquitto: 20), as when a backlog replays, made gmqtt refuse them, and waiting there would
-deadlock: the ingest read gate holds back the PUBACKs that free the window while the
-pipeline waits. This session (opened on the first publish) is never read-gated, and a QoS 1
-publish waits for room in the broker's window instead of failing; while the broker is away,
-publishes wait (back-pressure reaches the pipeline) and gmqtt resends what was in flight
-when it reconnects.
+``publish`` queues a message and returns at once (it waits only while ``max_queued``
+messages are already waiting), so the pipeline never stalls on the broker. Every message
+queued in one event-loop turn is written in one socket write, QoS 1 ones as far as the
+broker's Receive Maximum allows; each PUBACK frees a slot and the next queued messages go
+out in the same turn. A message's ``confirm`` runs once the broker has it: its PUBACK for
+QoS 1, the hand-off to the socket for QoS 0. The pipeline acknowledges the event that
+caused a publish only then, so a crash before the PUBACK means redelivery of the event and
+a new publish: at least once.
 
-A message handed to this session is not yet confirmed by the broker when ``publish``
-returns: a crash in that window loses it (at most the broker's Receive Maximum of them).
+The session (clean start, opened on the first publish) is never read-gated, unlike the
+ingest session whose read gate holds back the PUBACKs the broker waits for. When the
+connection drops, the messages in flight go back to the head of the queue and are sent
+again, in their order, once gmqtt has reconnected. PUBLISH packets are encoded here and
+PUBACKs read here (gmqtt's own publish path writes one packet per socket write and keeps
+its packet ids to itself); connecting, keepalive and reconnecting stay gmqtt's.
 """
 
 from __future__ import annotations
@@ -17,35 +22,107 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Self
 
 import gmqtt
+from gmqtt.mqtt.constants import MQTTv50
 
+from flux import faults
 from flux.config import MqttConfig
 from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, connect
+from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
 
 log = logging.getLogger(__name__)
 
-#: Receive Maximum when the broker announces none (MQTT 3.1.1, or omitted: 65,535).
-_DEFAULT_WINDOW = 65_535
+#: QoS 1 messages in flight when the broker announces no Receive Maximum (MQTT 3.1.1).
+DEFAULT_WINDOW = 1_024
 _RECONNECT_DELAY_S = 1.0
+#: PUBACK reason codes from 0x80 up are refusals (MQTT 5, 3.4.2.1).
+_REFUSED = 0x80
+_MID = struct.Struct("!H")
+
+
+def _noop() -> None:
+    """Confirm nothing: a publish nobody waits for."""
+
+
+def _varint(value: int) -> bytes:
+    """MQTT's variable byte integer (remaining length, property length)."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return _MID.pack(len(data)) + data
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """One queued message: everything of its PUBLISH but the packet id, and its confirm."""
+
+    qos: int
+    retain: bool
+    topic: bytes  # length-prefixed
+    properties: bytes  # length-prefixed (MQTT 5), or empty
+    payload: bytes
+    confirm: Callable[[], None]
+
+    def packet(self, mid: int) -> bytes:
+        body = self.topic + (_MID.pack(mid) if self.qos else b"") + self.properties
+        first = 0x30 | (self.qos << 1) | int(self.retain)
+        length = len(body) + len(self.payload)
+        return bytes((first,)) + _varint(length) + body + self.payload
 
 
 class _PublisherClient(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt client that reports each PUBACK of one of its publishes to ``acked``."""
+    """gmqtt client whose PUBACKs go to ``on_puback(mid, reason)`` and whose (re)connects
+    go to ``on_session``; it writes raw packets with ``send``."""
 
-    def __init__(self, *args: Any, acked: Callable[[], None], **kwargs: Any) -> None:
-        self._acked = acked
+    def __init__(
+        self,
+        *args: Any,
+        on_puback: Callable[[int, int], None],
+        on_session: Callable[[bool], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        handler = self._package_handler
 
-    def _remove_message_from_queue(self, mid: int) -> None:
-        super()._remove_message_from_queue(mid)
-        self._acked()
+        def puback(cmd: int, packet: bytes) -> None:
+            on_puback(_MID.unpack_from(packet)[0], packet[2] if len(packet) > 2 else 0)
+
+        handler._handle_puback_packet = puback
+        self.on_connect = lambda *_: on_session(True)
+        self.on_disconnect = lambda *_: on_session(False)
+
+    def receive_maximum(self) -> int | None:
+        """The broker's Receive Maximum from its CONNACK, if it announced one."""
+        value: Any = self._package_handler._connack_properties.get("receive_maximum")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return value if isinstance(value, int) and value > 0 else None
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` to the connection; False when there is none to write to."""
+        protocol: Any = getattr(self._connection, "_protocol", None)
+        transport = getattr(protocol, "_transport", None)
+        if transport is None or transport.is_closing() or not self.is_connected:
+            return False
+        protocol.write_data(data)
+        return True
 
 
 class MqttPublisher:
-    """Publish rule actions' messages; QoS 1 ones wait for room in the broker's window."""
+    """Publish rule actions' messages; see the module docstring for the guarantees."""
 
     def __init__(
         self,
@@ -53,97 +130,206 @@ class MqttPublisher:
         config: MqttConfig,
         client_id: str,
         protocol_version: int,
+        max_queued: int = 10_000,
         connect_timeout_s: float = 15.0,
     ) -> None:
         self._config = config
         self._client_id = client_id
         self._protocol_version = protocol_version
+        self._max_queued = max_queued
         self._connect_timeout_s = connect_timeout_s
         self._client: _PublisherClient | None = None
-        self._in_flight = 0
+        self._connector: asyncio.Task[None] | None = None
+        self._queue: deque[_Outgoing] = deque()
+        self._in_flight: dict[int, _Outgoing] = {}  # by packet id, in the order sent
+        self._next_mid = 0
+        self._window = DEFAULT_WINDOW
+        self._connected = False
+        self._flush_scheduled = False
         self._room = asyncio.Event()
-        self._connecting = asyncio.Lock()
+        self._room.set()
         self._closed = False
+        self._hops_properties: dict[int, bytes] = {}
+        self._refusals_logged = False
+        PUBLISHES_PENDING.set_function(lambda: self.pending)
+
+    @property
+    def pending(self) -> int:
+        """Messages queued or in flight (not yet confirmed)."""
+        return len(self._queue) + len(self._in_flight)
 
     async def __aenter__(self) -> Self:
         return self  # the session opens on the first publish: most gateways never publish
 
-    async def _connected(self) -> _PublisherClient:
-        """The session, opened now if need be; while the broker refuses, retry with capped
-        backoff (the pipeline waits: back-pressure, not a lost message)."""
-        async with self._connecting:
-            delay = _RECONNECT_DELAY_S / 4
-            while self._client is None:
-                if self._closed:
-                    raise MqttConnectError("the publishing session is closed; not published")
-                try:
-                    self._client = await self._connect()
-                except MqttConnectError as exc:
-                    log.warning("%s; retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._config.reconnect_max_delay_s)
-            return self._client
-
-    async def _connect(self) -> _PublisherClient:
-        client = _PublisherClient(self._client_id, clean_session=True, acked=self._acked)
-        client.reconnect_delay = _RECONNECT_DELAY_S  # gmqtt retries forever; 6 s apart by default
-        await connect(
-            client,
-            self._config,
-            version=self._protocol_version,
-            timeout_s=self._connect_timeout_s,
-            what="the publishing session to",
-        )
-        return client
-
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
         self._room.set()  # publishers waiting for room give up
+        if self._connector is not None:
+            self._connector.cancel()
+            await asyncio.gather(self._connector, return_exceptions=True)
+        if self.pending:
+            log.warning(
+                "%d rule publishes not confirmed by the broker at shutdown; the events that "
+                "caused them stay unacknowledged and are redelivered",
+                self.pending,
+            )
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), 5)
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool, hops: int
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        hops: int,
+        confirm: Callable[[], None] = _noop,
     ) -> None:
-        """Send a message tagged with its hop count (MQTT 5 user property); QoS 1 waits for
-        room in the broker's window (each PUBACK makes room).
+        """Queue a message tagged with its hop count (MQTT 5 user property); ``confirm``
+        runs once the broker has it. Waits only while ``max_queued`` messages wait.
 
         When the gateway is subscribed to the topic the message comes back as an event that
         keeps the count, so a loop through the broker is cut like one inside the process.
         """
-        client = await self._connected()
-        if qos > 0:
-            while self._in_flight >= self._window():
-                if self._closed:
-                    raise MqttConnectError("the publishing session is closed; not published")
-                self._room.clear()
-                await self._room.wait()
-            self._in_flight += 1
-        try:
-            client.publish(
-                topic, payload, qos=qos, retain=retain, user_property=[(HOPS_PROPERTY, str(hops))]
+        while len(self._queue) >= self._max_queued and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            raise MqttConnectError("the publishing session is closed; not published")
+        self._queue.append(
+            _Outgoing(qos, retain, _utf8(topic), self._properties(hops), payload, confirm)
+        )
+        if self._client is None and self._connector is None:
+            self._connector = asyncio.create_task(self._connect_loop(), name="mqtt:publisher")
+        self._schedule_flush()
+
+    def _properties(self, hops: int) -> bytes:
+        if self._protocol_version < MQTTv50:
+            return b""
+        properties = self._hops_properties.get(hops)
+        if properties is None:
+            pair = b"\x26" + _utf8(HOPS_PROPERTY) + _utf8(str(hops))
+            properties = self._hops_properties[hops] = _varint(len(pair)) + pair
+        return properties
+
+    # -- the session ---------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        """Open the session; while the broker refuses, retry with capped backoff (messages
+        wait in the queue: back-pressure, not loss)."""
+        delay = _RECONNECT_DELAY_S / 4
+        while self._client is None and not self._closed:
+            client = _PublisherClient(
+                self._client_id,
+                clean_session=True,
+                on_puback=self._on_puback,
+                on_session=self._on_session,
             )
-        except Exception:
-            if qos > 0:
-                self._acked()
-            raise
+            client.reconnect_delay = _RECONNECT_DELAY_S  # gmqtt retries forever; 6 s by default
+            self._client = client  # its CONNACK calls _on_session before connect returns
+            try:
+                await connect(
+                    client,
+                    self._config,
+                    version=self._protocol_version,
+                    timeout_s=self._connect_timeout_s,
+                    what="the publishing session to",
+                )
+            except MqttConnectError as exc:
+                self._client = None
+                self._connected = False
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.reconnect_max_delay_s)
+        self._connector = None
 
-    def _window(self) -> int:
-        """QoS 1 messages that may be in flight: one less than the broker's Receive Maximum
-        (gmqtt refuses a new packet id once that many are in use)."""
+    def _on_session(self, connected: bool) -> None:
+        """(Re)connected: read the window and send; lost: what was in flight goes back to
+        the head of the queue, in order, for the next connection."""
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected and self._client is not None:
+            self._window = self._client.receive_maximum() or DEFAULT_WINDOW
+            self._schedule_flush()
+        elif self._in_flight:
+            log.warning(
+                "publishing session lost; %d unconfirmed publishes are sent again on reconnect",
+                len(self._in_flight),
+            )
+            self._queue.extendleft(reversed(list(self._in_flight.values())))
+            self._in_flight.clear()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write every queued message the window has room for, in one socket write."""
+        self._flush_scheduled = False
         client = self._client
-        announced: Any = None
-        if client is not None:
-            announced = client._package_handler._connack_properties.get("receive_maximum")
-        if isinstance(announced, list):
-            announced = announced[0] if announced else None
-        return max(1, (announced or _DEFAULT_WINDOW) - 1)
+        if client is None or not self._connected:
+            return
+        queue, in_flight = self._queue, self._in_flight
+        taken: list[_Outgoing] = []
+        packets: list[bytes] = []
+        while queue and (queue[0].qos == 0 or len(in_flight) < self._window):
+            message = queue.popleft()
+            taken.append(message)
+            mid = 0
+            if message.qos:
+                mid = self._new_mid()
+                in_flight[mid] = message
+            packets.append(message.packet(mid))
+        if not packets:
+            return
+        if not client.send(b"".join(packets)):
+            # The connection is gone: what was in flight, then what this turn took, back to
+            # the head of the queue for the reconnect.
+            self._connected = False
+            fresh = {id(message) for message in taken}
+            earlier = [m for m in in_flight.values() if id(m) not in fresh]
+            in_flight.clear()
+            queue.extendleft(reversed(earlier + taken))
+            return
+        faults.hit("publish_written")
+        for message in taken:
+            if not message.qos:
+                message.confirm()
+        if len(queue) < self._max_queued and not self._room.is_set():
+            self._room.set()
 
-    def _acked(self) -> None:
-        self._in_flight = max(0, self._in_flight - 1)
-        self._room.set()
+    def _new_mid(self) -> int:
+        """The next packet id not in flight (1..65535)."""
+        mid = self._next_mid
+        while True:
+            mid = mid % 65_535 + 1
+            if mid not in self._in_flight:
+                self._next_mid = mid
+                return mid
+
+    def _on_puback(self, mid: int, reason: int) -> None:
+        message = self._in_flight.pop(mid, None)
+        if message is None:
+            return  # a PUBACK for a packet of an earlier connection
+        if reason >= _REFUSED:
+            PUBLISHES_REFUSED.labels(reason=f"0x{reason:02x}").inc()
+            if not self._refusals_logged:
+                self._refusals_logged = True
+                log.error(
+                    "the broker refused a rule publish (PUBACK reason 0x%02x); counted in "
+                    "flux_mqtt_publishes_refused_total, not retried",
+                    reason,
+                )
+        message.confirm()
+        if self._queue:
+            self._schedule_flush()
 
 
-__all__ = ["MqttPublisher"]
+__all__ = ["DEFAULT_WINDOW", "MqttPublisher"]

@@ -1,0 +1,217 @@
+"""SIGKILL while a rule publishes (QoS 1) for every message, then a restart.
+
+A rule republishes every telemetry message on ``echo/<device>``. The gateway is killed
+right after it wrote a round of publishes, before their PUBACKs came back
+(``FLUX_FAULT=publish_written:N``); from outside at an arbitrary moment of the drain; or
+while the network swallows everything its publishing session sends (a proxy between it and
+the broker), so publishes it handed off never reach the broker. Pass: after a restart
+without the fault, a subscriber that listened throughout has received the echo of every
+message the device got a PUBACK for (at least once; duplicates only for redelivered
+messages), and the database holds every message.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.faults._harness import (
+    Db,
+    GatewayProcess,
+    MqttProxy,
+    SeqDevice,
+    clean_env,
+    metric_value,
+    wait_subscribed,
+)
+from tests.faults._harness import write_config as _write_config
+from tests.support import PrivateMosquitto, mosquitto_available, unique, wait_until
+
+SENT = 3000
+
+ECHO_RULE = """
+[[rules]]
+id = "echo"
+topic = "devices/+/telemetry"
+when = "true"
+
+[[rules.actions]]
+type = "publish"
+topic = "echo/{device_id}"
+qos = 1
+payload = { seq = "{payload.seq}" }
+"""
+
+
+class EchoListener:
+    """A subscriber to ``echo/<dev>`` (QoS 1) collecting the sequence numbers it receives."""
+
+    def __init__(self, port: int, dev: str) -> None:
+        self.seqs: list[int] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"echo-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.on_connect = lambda c, *_: c.subscribe(f"echo/{dev}", qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not self.subscribed.wait(10):
+            raise TimeoutError("the echo listener could not subscribe")
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        seq = int(orjson.loads(message.payload)["seq"])
+        with self._lock:
+            self.seqs.append(seq)
+
+    def received(self) -> set[int]:
+        with self._lock:
+            return set(self.seqs)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def wide_mosquitto() -> Iterator[PrivateMosquitto]:
+    """A Mosquitto whose Receive Maximum (1000) lets a whole batch's publishes be in flight."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not on PATH; this test needs a private broker")
+    broker = PrivateMosquitto(persistent=True, max_inflight=1000)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["publish_written:2", "mid_drain", "publishes_swallowed"])
+async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_message(
+    tmp_path: Path, wide_mosquitto: PrivateMosquitto, kill: str
+) -> None:
+    mosquitto = wide_mosquitto
+    dev = unique("dev")
+    topic = f"devices/{dev}/telemetry"
+    client_id = f"flux-pubkill-{uuid.uuid4().hex[:8]}"
+    database_url = f"sqlite+aiosqlite:///{tmp_path}/flux.db"
+
+    def config(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        path = _write_config(
+            directory,
+            mqtt_port=proxy.port,
+            dev=dev,
+            database_url=database_url,
+            mqtt={"client_id": client_id},
+            database={"batch_size": 100},
+        )
+        (directory / "rules" / "echo.toml").write_text(ECHO_RULE)
+        return path
+
+    db = Db(database_url)
+    proxy = MqttProxy(mosquitto.port)
+    sim = SeqDevice("127.0.0.1", mosquitto.port)
+    listener = EchoListener(mosquitto.port, dev)
+    gateways: list[GatewayProcess] = []
+    try:
+        prime = GatewayProcess(config("prime"), name="prime")
+        gateways.append(prime)
+        prime.start()
+        await prime.wait_ready()
+        await wait_subscribed(sim, db, dev)
+        prime.signal(signal.SIGTERM)
+        assert await prime.wait_exit() == 0, prime.log()[-3000:]
+
+        fault = kill if kill.startswith("publish_written") else ""
+        armed = GatewayProcess(
+            config("armed"), env=clean_env(FLUX_FAULT=fault) if fault else None, name="armed"
+        )
+        gateways.append(armed)
+        if kill == "publishes_swallowed":
+            # Live traffic (a replayed backlog may overrun the gateway's Receive Maximum).
+            armed.start()
+            await armed.wait_ready()
+            sim.publish_seq(topic, range(-1, 0))  # a warm-up: the publishing session opens
+            await wait_until(lambda: -1 in listener.received(), what="the warm-up echo")
+            proxy.blackhole("-pub")
+            sim.publish_seq(topic, range(SENT))
+            await wait_until(
+                lambda: _stored_at_least(db, topic, 1 + 150),
+                what="messages stored while the network swallows their publishes",
+            )
+            armed.signal(signal.SIGKILL)
+        else:
+            sim.publish_seq(topic, range(SENT))
+            await wait_until(sim.all_acked, timeout=60, what="the broker's PUBACKs to the device")
+            armed.start()
+            if kill == "mid_drain":
+                await wait_until(
+                    lambda: _stored_at_least(db, topic, SENT // 3),
+                    timeout=60,
+                    what="a third of the backlog stored",
+                )
+                armed.signal(signal.SIGKILL)
+        code = await armed.wait_exit(timeout=60)
+        assert code == -signal.SIGKILL, f"expected death by SIGKILL, got {code}:\n{armed.log()}"
+        echoed_before_restart = len(listener.received())
+        assert echoed_before_restart < SENT, "the kill came after the whole drain"
+        proxy.heal()
+        proxy.drop_all()
+
+        again = GatewayProcess(config("again"), name="again")
+        gateways.append(again)
+        again.start()
+        await wait_until(sim.all_acked, timeout=60, what="the broker's PUBACKs to the device")
+        await wait_until(lambda: _stored_all(db, topic), timeout=90, what="all messages stored")
+        await wait_until(
+            lambda: listener.received() >= set(range(SENT)),
+            timeout=60,
+            what="the echo of every acknowledged message",
+        )
+        again.signal(signal.SIGTERM)
+        assert await again.wait_exit() == 0, again.log()[-3000:]
+
+        duplicates = len(listener.seqs) - len(listener.received())
+        print(
+            f"\n[{kill}] echoes before the restart: {echoed_before_restart}; after: "
+            f"{len(listener.received())} distinct, {duplicates} duplicates"
+        )
+        assert sim.acked >= set(range(SENT))
+        assert not (sim.acked - listener.received())
+        assert await db.dead_letters() == []
+    finally:
+        for gateway in gateways:
+            gateway.kill()
+        listener.close()
+        sim.close()
+        proxy.close()
+        await db.close()
+
+
+async def _stored_at_least(db: Db, topic: str, count: int) -> bool:
+    return len(await db.seqs(topic)) >= count
+
+
+async def _stored_all(db: Db, topic: str) -> bool:
+    return set(await db.seqs(topic)) >= set(range(SENT))
+
+
+async def _publishes_pending(gateway: GatewayProcess, count: int) -> bool:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
+        text = (await client.get("/metrics")).text
+    return (metric_value(text, "flux_mqtt_publishes_pending") or 0) >= count
