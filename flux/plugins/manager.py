@@ -528,7 +528,12 @@ class PluginManager:
                 )
             if "{device_id}" in topic:
                 topic = topic.replace("{device_id}", parent.device_id or "unknown")
-            events.append(derive_event(parent, topic=topic, payload=output.payload))
+            try:
+                events.append(derive_event(parent, topic=topic, payload=output.payload))
+            except orjson.JSONEncodeError as exc:  # nested deeper than JSON is written back
+                raise PluginOutputError(
+                    f"an output cannot be written as JSON: {exc}", plugin=manifest.name
+                ) from None
         return events
 
     # -- control ---------------------------------------------------------------------------------

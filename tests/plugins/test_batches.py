@@ -254,3 +254,35 @@ async def test_one_trapping_event_does_not_fail_the_rest_of_its_batch(
         assert all(isinstance(error, PluginTrap) for _, error in outcome.failed)
         stats = manager.stats("picky")
         assert stats.traps >= 2 and stats.size <= stats.max_size
+
+
+def deep_output_module(depth: int) -> str:
+    """on_batch returning one output whose payload nests ``depth`` arrays (orjson reads up
+    to 1024 levels but writes only 254, and a derived event is written again)."""
+    text = '[{"payload":{"deep":' + "[" * depth + "]" * depth + "}}]"
+    escaped = text.replace('"', '\\"')
+    return module(
+        f"""
+  (data (i32.const 16) "{escaped}")
+  (func (export "on_batch") (param $p i32) (param $n i32) (result i64)
+    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const {len(text)})))
+"""
+    )
+
+
+async def test_an_output_too_deep_to_store_fails_only_its_events(
+    plugins_dir: Path, cache_dir: Path
+) -> None:
+    write_plugin(
+        plugins_dir,
+        "deep",
+        deep_output_module(300),
+        manifest='[exports]\non_msg = ""\non_batch = "on_batch"\n',
+        extra_top='output_topic = "out/{device_id}"',
+    )
+    async with PluginManager(plugins_dir=plugins_dir, cache_dir=cache_dir) as manager:
+        events = [event("test/d", {"n": i}) for i in range(4)]
+        outcome = await manager.call_batch("deep", events)
+        assert outcome.outputs == []
+        assert [e for e, _ in outcome.failed] == events
+        assert all("cannot be written as JSON" in error.message for _, error in outcome.failed)
