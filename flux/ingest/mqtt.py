@@ -1,14 +1,15 @@
 """MQTT ingest over gmqtt: persistent session, acknowledgement only after commit.
 
 Each PUBLISH is handled synchronously in gmqtt's read loop (no task per message): the event
-goes straight onto the bus when every queue has room, else a task waits for room (and later
-messages queue behind it, so order holds). A QoS 1 event carries an acknowledgement hook;
-the store calls it after commit, and the PUBACKs of one loop iteration leave in one socket
-write. The broker's Receive Maximum bounds how many unacknowledged messages are in flight;
-for QoS 0, which it does not bound, reading from the socket pauses while too many messages
-wait for the bus. The same pause guards QoS 1 against a broker that overruns Receive Maximum
-(Mosquitto 2.0.11 does when it replays a session's offline queue: 1,778 unacknowledged
-messages in flight were measured with a Receive Maximum of 10).
+goes straight onto the bus when every queue has room, else it joins a FIFO that one task
+hands over as room appears (later messages queue behind it, so order holds). A QoS 1 event
+carries an acknowledgement hook; the store calls it after commit, and the PUBACKs of one
+loop iteration leave in one socket write. The broker's Receive Maximum bounds how many
+unacknowledged messages are in flight; for QoS 0, which it does not bound, reading from the
+socket pauses while too many messages wait for the bus. The same pause guards QoS 1 against
+a broker that overruns Receive Maximum (Mosquitto 2.0.11 does when it replays a session's
+offline queue: 1,778 unacknowledged messages in flight were measured with a Receive Maximum
+of 10).
 
 A PUBACK for a message that arrived on a connection since lost is withheld: after a reconnect
 a packet id may name a different message, and the broker redelivers the old one anyway.
@@ -22,6 +23,7 @@ import logging
 import random
 import ssl
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Self
@@ -202,9 +204,10 @@ class MqttIngest:
         self._client: _GatewayClient | None = None
         self._delay = _RECONNECT_FIRST_DELAY_S
         self._accepting = True
-        # Hand-overs waiting in a task for room on the bus; while any do, later messages
-        # queue behind them (through tasks too) so none overtakes an earlier one.
-        self._waiting_handovers = 0
+        # Messages waiting for room on the bus, oldest first, and the task handing them
+        # over; while any wait, later messages queue behind them so none overtakes another.
+        self._waiting: deque[tuple[Event | DeadLetter, bool]] = deque()
+        self._hand_over_task: asyncio.Task[None] | None = None
         # PUBACK/PUBREC packets due on the current connection, written once per loop turn.
         self._acks: list[bytes] = []
         self._acks_generation = 0
@@ -371,11 +374,7 @@ class MqttIngest:
         self._idle.clear()
         if self._pending > self._max_pending:
             self._room.clear()
-        if (
-            not self._waiting_handovers
-            and isinstance(item, Event)
-            and self._try_publish is not None
-        ):
+        if not self._waiting and isinstance(item, Event) and self._try_publish is not None:
             try:
                 handed_over = self._try_publish(item)
             except Exception:
@@ -386,26 +385,35 @@ class MqttIngest:
                 if mid is None:
                     self._settle()
                 return
-        self._waiting_handovers += 1
-        asyncio.get_running_loop().create_task(self._hand_over(item, acknowledged=mid is not None))
-
-    async def _hand_over(self, item: Event | DeadLetter, *, acknowledged: bool) -> None:
-        """Wait for room on the bus (or write a dead letter); the slow path of ``_receive``."""
-        try:
-            if isinstance(item, Event):
-                await self._publish(item)
-            else:
-                await self._dead_letter(item)
-        except Exception:
-            log.exception(
-                "message on %s could not be handed over; it will be redelivered", item.topic
+        self._waiting.append((item, mid is not None))
+        if self._hand_over_task is None:
+            self._hand_over_task = asyncio.get_running_loop().create_task(
+                self._hand_over(), name="mqtt:hand-over"
             )
-            self._settle()
-            return
+
+    async def _hand_over(self) -> None:
+        """Hand the waiting messages over in order, each as soon as the bus has room (a
+        dead letter to the store); the slow path of ``_receive``."""
+        waiting = self._waiting
+        try:
+            while waiting:
+                item, acknowledged = waiting[0]
+                try:
+                    if not isinstance(item, Event):
+                        await self._dead_letter(item)
+                    elif self._try_publish is None or not self._try_publish(item):
+                        await self._publish(item)
+                except Exception:
+                    log.exception(
+                        "message on %s could not be handed over; it will be redelivered",
+                        item.topic,
+                    )
+                    acknowledged = False
+                waiting.popleft()
+                if not acknowledged:
+                    self._settle()
         finally:
-            self._waiting_handovers -= 1
-        if not acknowledged:
-            self._settle()
+            self._hand_over_task = None
 
     def _acknowledge(self, generation: int, mid: int, command: int) -> None:
         """The store committed the message: queue its PUBACK (withheld if the connection
