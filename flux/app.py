@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 PIPELINE_WAIT_S = 0.005
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD = 50_000
+#: How long a thread may keep the GIL while another waits (CPython's default is 5 ms): the
+#: store's SQLite thread and the plugin threads hand it back after every call into C, and
+#: each time had to wait up to this long for the busy event loop to let go.
+SWITCH_INTERVAL_S = 0.0005
 
 
 #: Degraded reasons that make the gateway not ready (/ready answers 503).
@@ -128,7 +133,7 @@ class Gateway:
         )
         self.bus.subscribe(
             STORE_SUBSCRIBER,
-            self.writer.write_batch,
+            self.writer.store_batch,
             overflow="block",
             max_batch=settings.database.batch_size,
             max_wait_s=settings.database.flush_interval_ms / 1000,
@@ -211,7 +216,7 @@ class Gateway:
             plugins=self.plugins,
             rules=self.rules,
             actions=self.actions,
-            write_alerts=self.writer.write_alerts,
+            add_alerts=self.writer.add_alerts,
             dead_letter=self.dead_letter,
             publish=self._publish_mqtt,
             max_hops=max(rules.max_hops, settings.plugins.max_hops),
@@ -414,17 +419,20 @@ class Gateway:
         return reasons
 
 
-def tune_garbage_collector() -> None:
-    """Keep the cyclic GC off the per-message path.
+def tune_interpreter() -> None:
+    """Keep the cyclic GC off the per-message path and the GIL moving between threads.
 
     Events are plain objects without cycles, but each allocates several, so the default
     thresholds ran a young collection every few messages and a full one (scanning every
     module, route and model loaded at start) every few thousand. Freezing what start-up
     created takes it out of every later scan; larger thresholds make collections rarer.
+    A shorter switch interval lets the threads that run outside the GIL (SQLite, plugins)
+    get it back without waiting a whole default interval behind the event loop.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 async def run(settings: Settings) -> None:
@@ -440,7 +448,7 @@ async def run(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, gateway.request_stop)
     async with gateway:
-        tune_garbage_collector()
+        tune_interpreter()
         await gateway.wait_stopped()
         log.info("stopping: intake off, draining the bus")
 

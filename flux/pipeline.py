@@ -109,7 +109,7 @@ class Pipeline:
         plugins: PluginManager,
         rules: RuleEngine,
         actions: ActionExecutor,
-        write_alerts: Callable[[Sequence[dict[str, Any]]], Awaitable[None]],
+        add_alerts: Callable[[Sequence[dict[str, Any]], Callable[[], None]], None],
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         publish: Publish,
         max_hops: int,
@@ -118,7 +118,7 @@ class Pipeline:
         self._plugins = plugins
         self._rules = rules
         self._actions = actions
-        self._write_alerts = write_alerts
+        self._add_alerts = add_alerts
         self._dead_letter = dead_letter
         self._publish = publish
         self._max_hops = max_hops
@@ -204,7 +204,7 @@ class Pipeline:
             derived.extend(self._derived)
             self._derived = []
             if alerts:
-                await self._write_alerts(alerts)
+                self._add_alerts(alerts, self._part(self._current))
         return derived
 
     async def _run_plugins(self, work: list[Event]) -> list[Event]:

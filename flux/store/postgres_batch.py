@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from flux import faults
 from flux.events import Event
 from flux.store.database import json_text, utc_datetime
-from flux.store.sqlite_batch import DeviceSummary
+from flux.store.sqlite_batch import DeviceSummary, PreparedBatch
 
 INSERT_EVENTS = (
     "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
@@ -38,6 +38,10 @@ ON CONFLICT (id) DO UPDATE SET
     last_payload = CASE WHEN excluded.last_seen >= devices.last_seen
         THEN excluded.last_payload ELSE devices.last_payload END
 """
+INSERT_ALERTS = (
+    "INSERT INTO alerts (rule_id, device_id, event_id, severity, output, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
 #: SQLSTATE classes meaning "the database is away", not "the data is wrong".
 _OUTAGE_CLASSES = ("08", "53", "57")
 
@@ -51,8 +55,13 @@ class PostgresBatchWriter:
     async def close(self) -> None:
         """Nothing to release: the connections are the engine's."""
 
-    async def write(self, batch: Sequence[Event], devices: Sequence[DeviceSummary]) -> None:
-        """Insert ``batch`` and upsert ``devices`` in one transaction; raise SQLAlchemy errors."""
+    def prepare(
+        self,
+        batch: Sequence[Event],
+        devices: Sequence[DeviceSummary],
+        alerts: Sequence[dict[str, Any]] = (),
+    ) -> PreparedBatch:
+        """The statement parameters of one batch (orjson may raise here)."""
         rows = [
             (
                 event.id,
@@ -69,6 +78,23 @@ class PostgresBatchWriter:
             (device, utc_datetime(first), utc_datetime(last), count, json_text(payload))
             for device, first, last, count, payload in devices
         ]
+        alert_values = [
+            (
+                alert["rule_id"],
+                alert["device_id"],
+                alert["event_id"],
+                alert["severity"],
+                json_text(alert["output"]),
+                alert["created_at"],
+            )
+            for alert in alerts
+        ]
+        return rows, summaries, alert_values
+
+    async def commit(self, prepared: PreparedBatch) -> None:
+        """Insert the events and alerts and upsert the devices of ``prepare`` in one
+        transaction; raise SQLAlchemy errors."""
+        rows, summaries, alert_values = prepared
         conn = await self._engine.connect()
         try:
             raw = await conn.get_raw_connection()
@@ -78,6 +104,8 @@ class PostgresBatchWriter:
                     await driver.executemany(INSERT_EVENTS, rows)
                     if summaries:
                         await driver.executemany(UPSERT_DEVICES, summaries)
+                    if alert_values:
+                        await driver.executemany(INSERT_ALERTS, alert_values)
                     faults.hit("db_io_error")
                     faults.hit("before_commit")
             except Exception as exc:
@@ -89,6 +117,15 @@ class PostgresBatchWriter:
                 raise DBAPIError(INSERT_EVENTS, None, exc) from exc
         finally:
             await conn.close()
+
+    async def write(
+        self,
+        batch: Sequence[Event],
+        devices: Sequence[DeviceSummary],
+        alerts: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """``prepare`` and ``commit`` in one go."""
+        await self.commit(self.prepare(batch, devices, alerts))
 
 
 def _is_outage(exc: BaseException) -> bool:

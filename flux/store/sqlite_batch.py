@@ -7,6 +7,12 @@ Here the whole transaction runs as one call on a dedicated thread. Rows are plai
 the formats SQLAlchemy itself stores (JSON text; ``DateTime`` as UTC text with
 microseconds), so everything else keeps reading them through SQLAlchemy.
 
+Rows go in as multi-row ``INSERT ... VALUES (...), (...)`` statements, not
+``executemany``: sqlite3 releases the GIL around every step, i.e. every row of an
+``executemany``, and each time must win it back from the busy event loop (up to a switch
+interval each): 500 rows took seconds with the loop busy. One statement per chunk of rows
+releases it once.
+
 Errors are sqlite3's own: ``sqlite3.OperationalError`` (locked, disk I/O) is an outage the
 caller retries; any other ``sqlite3.Error`` means the data was refused.
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import math
 import sqlite3
 from collections.abc import Sequence
@@ -45,8 +53,38 @@ ON CONFLICT (id) DO UPDATE SET
         THEN excluded.last_payload ELSE devices.last_payload END
 """
 
+INSERT_ALERTS = (
+    "INSERT INTO alerts (rule_id, device_id, event_id, severity, output, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+#: The most rows in one multi-row statement (SQLite takes up to 32,766 parameters in one);
+#: statements hold a power of two of rows, so a few cached texts serve every batch size.
+ROWS_PER_STATEMENT = 256
+
 #: One device's share of a batch: id, first and last arrival, messages, last payload.
 DeviceSummary = tuple[str, float, float, int, dict[str, Any]]
+#: A batch's statement parameters: event rows, device rows, alert rows.
+PreparedBatch = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+@functools.cache
+def _multi_row(statement: str, rows: int) -> str:
+    """``statement`` (one ``VALUES (?, ...)`` row) rewritten to insert ``rows`` rows."""
+    head, _, tail = statement.partition("VALUES (")
+    placeholders, _, rest = tail.partition(")")
+    return f"{head}VALUES " + ", ".join([f"({placeholders})"] * rows) + rest
+
+
+def insert_rows(conn: sqlite3.Connection, statement: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Run ``statement`` for every row: chunks of ``ROWS_PER_STATEMENT`` rows, then the rest
+    in power-of-two chunks, one step each."""
+    start = 0
+    while start < len(rows):
+        count = min(ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start : start + count]
+        conn.execute(_multi_row(statement, count), list(itertools.chain.from_iterable(chunk)))
+        start += count
 
 
 class SqliteTime:
@@ -98,6 +136,22 @@ def device_rows(summaries: Sequence[DeviceSummary]) -> list[tuple[Any, ...]]:
     ]
 
 
+def alert_rows(alerts: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """``alerts`` rows (``flux.rules.alert_row``) as ``INSERT_ALERTS`` parameters."""
+    sqlite_time = SqliteTime()
+    return [
+        (
+            alert["rule_id"],
+            alert["device_id"],
+            alert["event_id"],
+            alert["severity"],
+            json_text(alert["output"]),
+            sqlite_time(alert["created_at"].timestamp()),
+        )
+        for alert in alerts
+    ]
+
+
 class SqliteBatchWriter:
     """Commit event batches through one sqlite3 connection owned by one thread."""
 
@@ -107,11 +161,29 @@ class SqliteBatchWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def write(self, batch: Sequence[Event], devices: Sequence[DeviceSummary]) -> None:
-        """Insert ``batch`` and upsert ``devices`` in one transaction; raise sqlite3 errors."""
-        rows, summaries = event_rows(batch), device_rows(devices)
+    def prepare(
+        self,
+        batch: Sequence[Event],
+        devices: Sequence[DeviceSummary],
+        alerts: Sequence[dict[str, Any]] = (),
+    ) -> PreparedBatch:
+        """The statement parameters of one batch (orjson may raise here)."""
+        return event_rows(batch), device_rows(devices), alert_rows(alerts)
+
+    async def commit(self, prepared: PreparedBatch) -> None:
+        """Insert the events and alerts and upsert the devices of ``prepare`` in one
+        transaction; raise sqlite3 errors."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._commit, rows, summaries)
+        await loop.run_in_executor(self._executor, self._commit, *prepared)
+
+    async def write(
+        self,
+        batch: Sequence[Event],
+        devices: Sequence[DeviceSummary],
+        alerts: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """``prepare`` and ``commit`` in one go."""
+        await self.commit(self.prepare(batch, devices, alerts))
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -134,13 +206,18 @@ class SqliteBatchWriter:
             self._conn = conn
         return self._conn
 
-    def _commit(self, rows: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
+    def _commit(
+        self,
+        rows: list[tuple[Any, ...]],
+        devices: list[tuple[Any, ...]],
+        alerts: list[tuple[Any, ...]],
+    ) -> None:
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(INSERT_EVENTS, rows)
-            if devices:
-                conn.executemany(UPSERT_DEVICES, devices)
+            insert_rows(conn, INSERT_EVENTS, rows)
+            insert_rows(conn, UPSERT_DEVICES, devices)
+            insert_rows(conn, INSERT_ALERTS, alerts)
             faults.hit("db_io_error")
             faults.hit("before_commit")
             conn.execute("COMMIT")
@@ -156,4 +233,4 @@ class SqliteBatchWriter:
             conn.close()
 
 
-__all__ = ["DeviceSummary", "SqliteBatchWriter", "SqliteTime", "event_rows"]
+__all__ = ["DeviceSummary", "PreparedBatch", "SqliteBatchWriter", "SqliteTime", "event_rows"]

@@ -1,7 +1,9 @@
 """The batched writer: one transaction per batch, commit, then acknowledge in order.
 
-Event batches go to the database driver directly (``sqlite_batch``, ``postgres_batch``);
-alerts and dead letters through SQLAlchemy Core.
+Event batches go to the database driver directly (``sqlite_batch``, ``postgres_batch``),
+with the alert rows the pipeline queued meanwhile in the same transaction (alerts no batch
+takes, when no event follows them, commit on their own a few milliseconds later); dead
+letters go through SQLAlchemy Core.
 
 Acknowledgement comes strictly after commit: an MQTT QoS 1 message is PUBACKed, an HTTP
 request answered, only once its row is durable. A database that is away makes the writer
@@ -36,10 +38,11 @@ from flux.metrics import (
     DB_WRITE_ERRORS,
     DEAD_LETTERS,
     DEGRADED,
+    SUBSCRIBER_ERRORS,
 )
 from flux.store.database import sqlite_path, utc_datetime, writer_connection
 from flux.store.schema import alerts, dead_letters
-from flux.store.sqlite_batch import DeviceSummary, SqliteBatchWriter
+from flux.store.sqlite_batch import DeviceSummary, PreparedBatch, SqliteBatchWriter
 
 if TYPE_CHECKING:
     from flux.store.postgres_batch import PostgresBatchWriter
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REASON_STORE_REJECTED = "store_rejected"
+#: How long queued alert rows wait for an event batch to take them along before they are
+#: committed on their own.
+ALERTS_ALONE_AFTER_S = 0.005
 _DEAD_LETTER_BATCH = 256
 _DEAD_LETTER_QUEUE = 1024
 #: ``dead_letter_backlog`` above this many queued dead letters, cleared below the low mark.
@@ -128,6 +134,14 @@ class StoreWriter:
             self._batches = SqliteBatchWriter(path, synchronous=sqlite_synchronous)
         self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
+        # Alert rows waiting for a transaction, each group with the hook its commit calls.
+        self._alerts: list[tuple[Sequence[dict[str, Any]], Callable[[], None]]] = []
+        self._alerts_due = asyncio.Event()
+        self._batch_done = asyncio.Event()
+        self._batch_done.set()
+        self._alert_task: asyncio.Task[None] | None = None
+        # The commit in progress (batches are prepared while the previous one commits).
+        self._committing: asyncio.Task[None] | None = None
         self.available = True
         self.dead_letter_backlog = False
         self.last_error = ""
@@ -141,6 +155,7 @@ class StoreWriter:
         self._dead_letter_task = asyncio.create_task(
             self._dead_letter_loop(), name="store:dead-letters"
         )
+        self._alert_task = asyncio.create_task(self._alert_loop(), name="store:alerts")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -149,22 +164,84 @@ class StoreWriter:
             await self._drain_dead_letters(timeout=5.0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.flush()
+        alert_task, self._alert_task = self._alert_task, None
+        if alert_task is not None:
+            alert_task.cancel()
+            await asyncio.gather(alert_task, return_exceptions=True)
+        if self._alerts:
+            log.warning(
+                "%d alert rows uncommitted at shutdown; their events are redelivered",
+                sum(len(rows) for rows, _ in self._alerts),
+            )
         await self._batches.close()
 
     # -- events ---------------------------------------------------------------------------
 
     async def write_batch(self, batch: list[Event]) -> None:
-        """Commit ``batch`` (retrying through outages), then acknowledge it in arrival order."""
+        """Commit ``batch`` and acknowledge it; return once that is done."""
+        await self.store_batch(batch)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Wait for the commit in progress (and the acknowledgements after it)."""
+        if self._committing is not None:
+            await asyncio.gather(self._committing, return_exceptions=True)
+
+    async def store_batch(self, batch: list[Event]) -> None:
+        """Prepare ``batch`` (with the alert rows queued meanwhile) and start its commit once
+        the previous batch's commit is over; it is acknowledged, in arrival order, after.
+        The bus's store subscriber.
+
+        Preparing a batch's rows overlaps the previous batch's commit (on the SQLite thread,
+        or in PostgreSQL); commits stay one at a time and in order, so a crash redelivers at
+        most the batch committing and the one prepared behind it.
+        """
         if not batch:
             return
-        # One loop turn first: the PUBACKs the previous batch released are written out before
-        # this one's transaction starts, so a crash during it redelivers only this batch.
-        await asyncio.sleep(0)
-        rejected = await self._with_retry(self._events_attempt(batch))
-        if rejected:
-            await self._isolate_rejected(batch)
+        alerts, self._alerts = self._alerts, []
+        rows = [row for group, _ in alerts for row in group]
+        prepared: PreparedBatch | None
+        try:
+            prepared = self._batches.prepare(batch, _device_summaries(batch), rows)
+        except JSONEncodeError:
+            prepared = None  # a payload orjson cannot write: the commit isolates it
+        previous, self._committing = self._committing, None
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        self._committing = asyncio.create_task(
+            self._commit(batch, prepared, alerts), name="store:commit"
+        )
+
+    async def _commit(
+        self,
+        batch: Sequence[Event],
+        prepared: PreparedBatch | None,
+        alerts: Sequence[tuple[Sequence[dict[str, Any]], Callable[[], None]]],
+    ) -> None:
+        """Commit one prepared batch (retrying through outages), then acknowledge it."""
+        rows = [row for group, _ in alerts for row in group]
+        self._batch_done.clear()
+        try:
+            rejected = (
+                "a payload cannot be written as JSON"
+                if prepared is None
+                else await self._with_retry(partial(self._batches.commit, prepared))
+            )
+            if rejected:
+                await self._isolate_rejected(batch)
+                if rows:
+                    await self._commit_alerts(rows)
+        except Exception:
+            SUBSCRIBER_ERRORS.labels(subscriber="store").inc()
+            log.exception("store failed on a batch of %d events; left for redelivery", len(batch))
+            return
+        finally:
+            self._batch_done.set()
         faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
+        for _, confirm in alerts:
+            confirm()
         for event in batch:
             event.ack()
             faults.hit("mid_ack")
@@ -200,10 +277,41 @@ class StoreWriter:
 
     # -- alerts ---------------------------------------------------------------------------
 
-    async def write_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Commit alert rows (retrying through outages)."""
-        if rows:
-            await self._with_retry(self._transaction(partial(self._insert_alerts, rows=rows)))
+    def add_alerts(self, rows: Sequence[dict[str, Any]], confirm: Callable[[], None]) -> None:
+        """Queue alert rows for the next event batch's transaction; ``confirm`` runs once
+        they are committed (with that batch, or on their own when no batch follows)."""
+        self._alerts.append((rows, confirm))
+        self._alerts_due.set()
+
+    async def _alert_loop(self) -> None:
+        """Commit the alert rows no event batch took along."""
+        while True:
+            await self._alerts_due.wait()
+            self._alerts_due.clear()
+            await asyncio.sleep(ALERTS_ALONE_AFTER_S)
+            await self._batch_done.wait()
+            if not self._alerts:
+                continue  # a batch took them
+            pending, self._alerts = self._alerts, []
+            await self._commit_alerts([row for group, _ in pending for row in group])
+            for _, confirm in pending:
+                confirm()
+
+    async def _commit_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Commit alert rows in one transaction; when the database refuses them, one by one,
+        and an alert still refused with its output made storable text."""
+        if not await self._insert_alerts_retrying(rows):
+            return
+        for row in rows:
+            refused = await self._insert_alerts_retrying([row])
+            if refused:
+                log.error("the database refused an alert of rule %s: %s", row["rule_id"], refused)
+                output = {"unstorable_output": _storable_text(repr(row["output"]))}
+                if await self._insert_alerts_retrying([{**row, "output": output}]):
+                    raise StoreUnavailable(f"the database refused an alert: {refused}")
+
+    async def _insert_alerts_retrying(self, rows: Sequence[dict[str, Any]]) -> str | None:
+        return await self._with_retry(self._transaction(partial(self._insert_alerts, rows=rows)))
 
     async def _insert_alerts(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
         await conn.execute(insert(alerts), list(rows))
