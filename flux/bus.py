@@ -4,7 +4,10 @@ Each subscriber owns a queue of at most ``capacity`` events and a task that hand
 batches. When a queue is full the subscriber's overflow policy decides: ``block`` makes
 the publisher wait (back-pressure reaches the MQTT socket through Receive Maximum and the
 HTTP caller), ``drop_oldest`` / ``drop_newest`` drop and count. Events a sender waits on
-(MQTT QoS 1, HTTP) are never dropped: under a drop policy they wait as under ``block``.
+(MQTT QoS 1, HTTP) are never dropped, whether queued or arriving: ``drop_oldest`` evicts
+the oldest queued event nobody waits on (and the arriving one takes its place, whatever it
+is), else drops the arriving one if nobody waits on it; an arriving event someone waits on
+that finds nothing to evict waits as under ``block``.
 Blocked publishers are served strictly first-come first-served, and a publisher that has
 to wait holds the bus's ordering lock until it has reached every subscriber, so no later
 event overtakes it anywhere: each subscriber sees events in publish order.
@@ -194,16 +197,13 @@ class _Subscription:
             self.queue.append(event)
             self.wake()
             return
+        if self.overflow == "drop_oldest" and not self.blocked and self._evict_oldest():
+            self.queue.append(event)
+            self.wake()
+            return
         if self.overflow != "block" and not event.needs_ack:
-            if self.overflow == "drop_newest":
-                self._drop()
-                return
-            if self.queue:
-                self.queue.popleft()
-                self._drop()
-                self.queue.append(event)
-                self.wake()
-                return
+            self._drop()  # drop_newest, or nothing queued may go (all waited on, or waiters)
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.blocked.append((event, waiter))
         try:
@@ -219,6 +219,15 @@ class _Subscription:
         self.backlogged = backlogged
         self.room = self.capacity if backlogged else self.high_mark
         self.health.set_backlog(self, backlogged)
+
+    def _evict_oldest(self) -> bool:
+        """Drop the oldest queued event nobody waits on (drop_oldest); False if there is none."""
+        for position, queued in enumerate(self.queue):
+            if not queued.needs_ack:
+                del self.queue[position]
+                self._drop()
+                return True
+        return False
 
     def _drop(self) -> None:
         """Count one event dropped by the overflow policy and report ``dropping``."""
@@ -410,6 +419,10 @@ class EventBus:
     def depth(self) -> dict[str, int]:
         """Return the number of events waiting per subscriber (queued plus blocked)."""
         return {sub.name: sub.pending() for sub in self._subscriptions}
+
+    def overflow_policies(self) -> dict[str, OverflowPolicy]:
+        """Return each subscriber's overflow policy."""
+        return {sub.name: sub.overflow for sub in self._subscriptions}
 
     def waiting_publishers(self) -> int:
         """Return how many publishers wait because some queue is full."""

@@ -91,13 +91,61 @@ async def test_drop_policies_count_drops_and_never_drop_acknowledged_events(poli
             await bus.publish(_event(n))
         assert _dropped(name, policy) - before == 6
         waiting = asyncio.create_task(bus.publish(_event(99, acked=True)))
-        await wait_until(lambda: bus.depth()[name] == 5, what="acked event waiting")
-        assert not waiting.done()
+        if policy == "drop_newest":
+            await wait_until(lambda: bus.depth()[name] == 5, what="acked event waiting")
+            assert not waiting.done()
+        else:  # it takes the place of the oldest event nobody waits on
+            await waiting
+            assert _dropped(name, policy) - before == 7
         release.set()
         await waiting
         assert await bus.drain(10)
-    expected_kept = [1, 2, 3, 4] if policy == "drop_newest" else [7, 8, 9, 10]
+    expected_kept = [1, 2, 3, 4] if policy == "drop_newest" else [8, 9, 10]
     assert seen == [0, *expected_kept, 99]
+
+
+@pytest.mark.parametrize(
+    ("queued", "arriving", "kept"),
+    [
+        # Every queued event is waited on: the arriving one, which nobody waits on, goes.
+        ("AAAA", "d", "AAAA"),
+        # The oldest event nobody waits on goes, wherever it is in the queue.
+        ("dAAA", "d", "AAAd"),
+        ("AdAd", "A", "AAdA"),
+        ("AAdA", "d", "AAAd"),
+    ],
+)
+async def test_drop_oldest_never_drops_an_event_someone_waits_on(
+    queued: str, arriving: str, kept: str
+) -> None:
+    """``A`` is an event a sender waits on (QoS 1, HTTP), ``d`` one nobody waits on."""
+    bus = EventBus(capacity=4, overflow="drop_oldest")
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def slow(batch: list[Event]) -> None:
+        await release.wait()
+        seen.extend(e.payload["kind"] for e in batch)
+
+    def event(kind: str) -> Event:
+        created = make_event(
+            "devices/d/t", b'{"kind": "%s"}' % kind.encode(), max_bytes=100, source="mqtt"
+        )
+        assert isinstance(created, Event)
+        if kind == "A":
+            created.ack = lambda: None
+        return created
+
+    bus.subscribe("oldest", slow, max_batch=1)
+    async with bus:
+        await bus.publish(event("first"))
+        await wait_until(lambda: bus.depth()["oldest"] == 0, what="first event in the handler")
+        for kind in queued:
+            await bus.publish(event(kind))
+        await asyncio.wait_for(bus.publish(event(arriving)), 5)  # never waits here
+        release.set()
+        assert await bus.drain(10)
+    assert seen == ["first", *kept]
 
 
 async def test_a_failing_subscriber_is_counted_and_does_not_break_the_bus() -> None:
