@@ -103,6 +103,10 @@ DB_WRITE_ERRORS = Counter(
     "flux_db_write_errors_total", "Batch writes that failed and will be retried"
 )
 DEAD_LETTERS = Counter("flux_dead_letters_total", "Messages stored as dead letters", ["reason"])
+DEAD_LETTERS_REFUSED = Counter(
+    "flux_dead_letters_refused_total",
+    "Dead letters the database refused; their messages are left unacknowledged",
+)
 HTTP_REQUEST_DURATION = Histogram(
     "flux_http_request_duration_seconds",
     "HTTP request duration",
@@ -116,6 +120,7 @@ __all__ = [
     "DB_QUERY_DURATION",
     "DB_WRITE_ERRORS",
     "DEAD_LETTERS",
+    "DEAD_LETTERS_REFUSED",
     "DEGRADED",
     "EVENTBUS_DEPTH",
     "EVENTBUS_DROPPED",

@@ -37,6 +37,7 @@ from flux.metrics import (
     DB_QUERY_DURATION,
     DB_WRITE_ERRORS,
     DEAD_LETTERS,
+    DEAD_LETTERS_REFUSED,
     DEGRADED,
     SUBSCRIBER_ERRORS,
 )
@@ -267,9 +268,7 @@ class StoreWriter:
                     received_at=event.received_at,
                     source=event.source,
                 )
-                refused = await self._with_retry(
-                    self._transaction(partial(self._insert_dead_letters, batch=[letter]))
-                )
+                refused = await self._insert_dead_letters_retrying([letter])
                 if refused:
                     # Should be impossible; never acknowledge what is stored nowhere.
                     raise StoreUnavailable(f"the database refused a dead letter: {refused}")
@@ -335,16 +334,43 @@ class StoreWriter:
             batch = [await self._dead_letters.get()]
             while len(batch) < _DEAD_LETTER_BATCH and not self._dead_letters.empty():
                 batch.append(self._dead_letters.get_nowait())
-            rejected = await self._with_retry(
-                self._transaction(partial(self._insert_dead_letters, batch=batch))
-            )
-            if rejected:
-                log.error("dropping %d dead letters the database refused: %s", len(batch), rejected)
+            stored = await self._store_dead_letters(batch)
             for letter in batch:
-                letter.ack()
+                if letter in stored:
+                    letter.ack()
                 self._dead_letters.task_done()
             if self.dead_letter_backlog and self._dead_letters.qsize() < _DEAD_LETTER_LOW:
                 self._set_dead_letter_backlog(False)
+
+    async def _store_dead_letters(self, batch: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Commit dead letters (retrying through outages); return those stored.
+
+        When the database refuses the batch, each letter is tried alone; one it still
+        refuses is counted and logged and left unacknowledged: its message is redelivered,
+        never acknowledged without a row somewhere.
+        """
+        if not await self._insert_dead_letters_retrying(batch):
+            return list(batch)
+        stored: list[DeadLetter] = []
+        for letter in batch:
+            refused = await self._insert_dead_letters_retrying([letter])
+            if refused is None:
+                stored.append(letter)
+                continue
+            DEAD_LETTERS_REFUSED.inc()
+            log.error(
+                "the database refused a dead letter (%s on %s): %s; its message stays "
+                "unacknowledged and is redelivered",
+                letter.reason,
+                letter.topic[:200],
+                refused,
+            )
+        return stored
+
+    async def _insert_dead_letters_retrying(self, batch: Sequence[DeadLetter]) -> str | None:
+        return await self._with_retry(
+            self._transaction(partial(self._insert_dead_letters, batch=batch))
+        )
 
     async def _drain_dead_letters(self, timeout: float) -> None:
         try:

@@ -7,6 +7,8 @@ stored.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,14 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from flux.config import DatabaseConfig
-from flux.events import Event, derive_event, make_event
+from flux.events import DeadLetter, Event, derive_event, make_event
+from flux.metrics import DEAD_LETTERS_REFUSED
 from flux.store.database import create_engine, utc_datetime
 from flux.store.migrate import upgrade_async
 from flux.store.schema import dead_letters, devices, events
 from flux.store.sqlite_batch import SqliteTime
 from flux.store.writer import REASON_STORE_REJECTED, StoreWriter
+from tests.support import wait_until
 
 
 def _batch() -> list[Event]:
@@ -146,3 +150,46 @@ def test_sqlite_time_rounds_like_datetime(timestamp: float) -> None:
     """The writer's own timestamp text equals SQLAlchemy's (via datetime) to the microsecond."""
     expected = utc_datetime(timestamp).strftime("%Y-%m-%d %H:%M:%S.%f")
     assert SqliteTime()(timestamp) == expected
+
+
+async def test_a_dead_letter_the_database_refuses_is_never_acknowledged(tmp_path: Path) -> None:
+    """A dead letter is acknowledged only once it is stored: one the database refuses (here
+    a trigger, as a constraint would) is counted and left for redelivery; its batch's other
+    letters are stored and acknowledged."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/flux.db"
+    config = DatabaseConfig(url=url)
+    await upgrade_async(config)
+    with sqlite3.connect(tmp_path / "flux.db") as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON dead_letters "
+            "WHEN NEW.topic LIKE '%poison%' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"
+        )
+    engine = create_engine(config)
+    acked: list[str] = []
+    topics = ["devices/a/t", "devices/poison/t", "devices/b/t"]
+    refused_before = DEAD_LETTERS_REFUSED._value.get()
+    try:
+        async with StoreWriter(engine=engine, retry_max_delay_s=0.1) as writer:
+            for topic in topics:
+                await writer.add_dead_letter(
+                    DeadLetter(
+                        topic=topic,
+                        raw=b"{not json",
+                        reason="invalid_json",
+                        detail="test",
+                        received_at=time.time(),
+                        source="mqtt",
+                        ack=lambda topic=topic: acked.append(topic),  # type: ignore[misc]
+                    )
+                )
+            await wait_until(
+                lambda: DEAD_LETTERS_REFUSED._value.get() == refused_before + 1,
+                what="the refusal counted",
+            )
+        async with engine.connect() as conn:
+            stored = [row[0] for row in await conn.execute(select(dead_letters.c.topic))]
+    finally:
+        await engine.dispose()
+    assert acked == ["devices/a/t", "devices/b/t"]
+    assert sorted(stored) == ["devices/a/t", "devices/b/t"]
