@@ -134,7 +134,7 @@ class Gateway:
         self.bus.subscribe(
             STORE_SUBSCRIBER,
             self.writer.store_batch,
-            overflow="block",
+            overflow=settings.eventbus.overflow_for("store"),
             max_batch=settings.database.batch_size,
             max_wait_s=settings.database.flush_interval_ms / 1000,
         )
@@ -223,7 +223,11 @@ class Gateway:
         )
         self._stack.callback(self.pipeline.close)
         self.bus.subscribe(
-            PIPELINE_SUBSCRIBER, self.pipeline.handle, max_batch=256, max_wait_s=PIPELINE_WAIT_S
+            PIPELINE_SUBSCRIBER,
+            self.pipeline.handle,
+            overflow=settings.eventbus.overflow_for("pipeline"),
+            max_batch=256,
+            max_wait_s=PIPELINE_WAIT_S,
         )
 
     async def reload_rules(self) -> dict[str, Any]:

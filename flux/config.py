@@ -95,7 +95,16 @@ class MqttConfig(_Section):
 
 class EventBusConfig(_Section):
     capacity: int = Field(1024, ge=1, le=1_000_000)
+    #: What a full queue does, for every subscriber (the store and the pipeline).
     overflow: OverflowPolicy = "block"
+    #: Per subscriber, overriding ``overflow`` ("" = as ``overflow``).
+    store_overflow: OverflowPolicy | Literal[""] = ""
+    pipeline_overflow: OverflowPolicy | Literal[""] = ""
+
+    def overflow_for(self, subscriber: Literal["store", "pipeline"]) -> OverflowPolicy:
+        """The policy of ``subscriber``'s queue."""
+        own = self.store_overflow if subscriber == "store" else self.pipeline_overflow
+        return own or self.overflow
 
 
 class DatabaseConfig(_Section):

@@ -71,6 +71,7 @@ async def status(request: Request) -> dict[str, Any]:
         "tasks": len(asyncio.all_tasks()),
         "bus_depth": gateway.bus.depth(),
         "bus_capacity": gateway.bus.capacity,
+        "bus_overflow": gateway.bus.overflow_policies(),
         "mqtt_pending": gateway.mqtt.pending if gateway.mqtt is not None else 0,
         "rules": {"version": gateway.rules.version if gateway.rules else 0, **by_status},
         "plugins": {name: stats.as_dict() for name, stats in pools.items()},

@@ -166,3 +166,30 @@ async def test_unknown_device_and_route_are_json_404(api: Any) -> None:
     assert response.status_code == 404 and response.json()["error"] == "NotFound"
     response = await api.get("/api/v1/nothing-here")
     assert response.status_code == 404 and "message" in response.json()
+
+
+@pytest.mark.parametrize(
+    ("eventbus", "expected"),
+    [
+        ({"overflow": "drop_newest"}, {"store": "drop_newest", "pipeline": "drop_newest"}),
+        (
+            {"overflow": "drop_oldest", "store_overflow": "block"},
+            {"store": "block", "pipeline": "drop_oldest"},
+        ),
+        ({"pipeline_overflow": "drop_newest"}, {"store": "block", "pipeline": "drop_newest"}),
+    ],
+)
+async def test_eventbus_overflow_applies_to_every_subscriber_unless_overridden(
+    tmp_path: Path,
+    broker: tuple[str, int],
+    start_gateway: Any,
+    eventbus: dict[str, str],
+    expected: dict[str, str],
+) -> None:
+    settings = make_settings(tmp_path, broker, eventbus=eventbus)
+    async with (
+        start_gateway(settings) as gateway,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as client,
+    ):
+        status = (await client.get("/api/v1/status")).json()
+    assert status["bus_overflow"] == expected
