@@ -60,33 +60,69 @@ async def test_geofence_outputs_distance(
     assert 40_000 < result.output["distance_m"] < 42_000
 
 
-async def test_rate_of_change_uses_previous_value_per_device(
+async def test_rate_of_change_uses_a_reference_reading_per_device(
     engine: RuleEngine, shipped_rules: dict[str, Rule]
 ) -> None:
     await engine.reload(list(shipped_rules.values()))
     rising = "temperature-rising-fast"
 
-    def ev(device: str, temperature: float, at: float) -> Any:
-        return make_event(
-            {"temperature": temperature, "humidity": 40},
-            f"devices/{device}/telemetry",
-            received_at=at,
-        )
+    def ev(device: str, temperature: float, at: float, ts: float | None = None) -> Any:
+        payload: dict[str, Any] = {"temperature": temperature, "humidity": 40}
+        if ts is not None:
+            payload["ts"] = ts
+        return make_event(payload, f"devices/{device}/telemetry", received_at=at)
 
     batch = [
-        ev("a", 20.0, 1000.0),  # first reading of a: no previous value
+        ev("a", 20.0, 1000.0),  # first reading of a: the reference
         ev("b", 30.0, 1000.0),  # first reading of b
         ev("a", 21.0, 1060.0),  # +1 C/min: no
         ev("b", 35.0, 1060.0),  # +5 C/min: yes
         ev("a", 25.0, 1090.0),  # +8 C/min: yes
+        ev("b", 45.0, 1061.0),  # 1 s after the reference: too close for a rate
     ]
     matches = [m for m in await engine.evaluate_batch(batch) if m.rule.id == rising]
     assert [(m.event.device_id, m.event.payload["temperature"]) for m in matches] == [
         ("b", 35.0),
         ("a", 25.0),
     ]
-    assert matches[0].output == {"per_minute": 5.0, "previous": 30.0, "current": 35.0}
+    assert matches[0].output == {
+        "per_minute": 5.0,
+        "previous": 30.0,
+        "current": 35.0,
+        "over_s": 60.0,
+    }
     # The state survives across batches (and a reload of the same rules).
     await engine.reload(list(shipped_rules.values()))
     later = await engine.evaluate_batch([ev("b", 40.0, 1120.0)])
     assert [m.rule.id for m in later if m.rule.id == rising] == [rising]
+
+
+async def test_rate_of_change_of_a_replayed_backlog_uses_the_device_clock(
+    engine: RuleEngine, shipped_rules: dict[str, Rule]
+) -> None:
+    """Readings queued during an outage arrive milliseconds apart: only ``ts`` says how far
+    apart they were taken."""
+    await engine.reload(list(shipped_rules.values()))
+    rising = "temperature-rising-fast"
+    arrivals = [2000.0 + i / 1000 for i in range(6)]
+
+    def readings(device: str, temperatures: list[float], with_ts: bool) -> list[Any]:
+        return [
+            make_event(
+                {"temperature": t, **({"ts": 1000.0 + 30 * i} if with_ts else {})},
+                f"devices/{device}/telemetry",
+                received_at=arrivals[i],
+            )
+            for i, t in enumerate(temperatures)
+        ]
+
+    slow = [20.0, 20.1, 20.3, 20.2, 20.4, 20.5]  # well under 2 C/min
+    fast = [20.0, 22.0, 24.0, 26.0, 28.0, 30.0]  # 4 C/min
+    batch = (
+        readings("slow-ts", slow, True)
+        + readings("slow-no-ts", slow, False)
+        + readings("fast-ts", fast, True)
+    )
+    matches = [m for m in await engine.evaluate_batch(batch) if m.rule.id == rising]
+    assert {m.event.device_id for m in matches} == {"fast-ts"}
+    assert len(matches) == 5
