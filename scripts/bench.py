@@ -5,8 +5,9 @@ a temporary config, with a private Mosquitto of its own on a free port (a fresh 
 scenario, so no session or queue of one scenario reaches the next), and is bounded in count
 and time (``--timeout`` caps each wait).
 
-Scenarios (``--only`` takes names or the issue's ids P1..P8, comma-separated, in that order;
-ids that name the same run are run once):
+Scenarios (``--only`` takes names or the issue's ids P1..P8, S1, S2, comma-separated, in
+that order; ids that name the same run are run once). The broker is configured as flux's
+embedded Mosquitto (``--broker stock``: Mosquitto's defaults):
 
 - ``drain`` (P1, P3, P5): a QoS 1 backlog (``--messages`` from ``--publishers`` processes) is
   queued in the gateway's persistent session while the gateway is stopped (so the
@@ -564,9 +565,14 @@ class Bench:
     profile_each: bool = False
 
     def new_broker(self) -> PrivateMosquitto:
-        """Replace the broker with a fresh one: no session or queue of an earlier run survives."""
+        """Replace the broker with a fresh one: no session or queue of an earlier run survives.
+
+        By default it runs with the configuration of flux's embedded Mosquitto (what the
+        shipped config.toml starts when no broker answers); ``--broker stock`` with
+        Mosquitto's own defaults (Receive Maximum 20), as an operator's own broker may have.
+        """
         self.close_broker()
-        self.broker = PrivateMosquitto(persistent=True)
+        self.broker = PrivateMosquitto(persistent=True, as_embedded=self.args.broker == "embedded")
         self.broker.start()
         wait_port("127.0.0.1", self.broker.port)
         return self.broker
@@ -1463,6 +1469,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--devices", type=int, default=200, help="fleet size of the shipped and storm scenarios"
+    )
+    parser.add_argument(
+        "--broker",
+        choices=["embedded", "stock"],
+        default="embedded",
+        help="the private Mosquitto's configuration: flux's embedded broker's (default) or "
+        "Mosquitto's defaults (max_inflight_messages 20)",
     )
     parser.add_argument("--qos", type=int, default=1, choices=[0, 1], help="drain and latency")
     parser.add_argument("--rate", type=float, default=5000, help="paced rate for latency (msg/s)")

@@ -66,7 +66,12 @@ class PrivateMosquitto:
     """A Mosquitto of the test's own on a free port; stoppable and restartable."""
 
     def __init__(
-        self, *, port: int | None = None, persistent: bool = True, max_inflight: int = 0
+        self,
+        *,
+        port: int | None = None,
+        persistent: bool = True,
+        max_inflight: int = 0,
+        as_embedded: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flux-mosq-"))
@@ -74,20 +79,31 @@ class PrivateMosquitto:
         #: Mosquitto's max_inflight_messages, also the Receive Maximum it announces (0: its
         #: default, 20).
         self.max_inflight = max_inflight
+        #: Run with the configuration flux gives its embedded Mosquitto (what ships).
+        self.as_embedded = as_embedded
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         config = self.dir / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "max_queued_messages 100000",
-        ]
-        if self.max_inflight:
-            lines.append(f"max_inflight_messages {self.max_inflight}")
-        if self.persistent:
-            lines += ["persistence true", f"persistence_location {self.dir}/"]
-        config.write_text("\n".join(lines) + "\n")
+        if self.as_embedded:
+            from flux.ingest.broker import mosquitto_config
+
+            config.write_text(
+                mosquitto_config(
+                    host="127.0.0.1", port=self.port, data_dir=self.dir, max_payload_bytes=262144
+                )
+            )
+        else:
+            lines = [
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                "max_queued_messages 100000",
+            ]
+            if self.max_inflight:
+                lines.append(f"max_inflight_messages {self.max_inflight}")
+            if self.persistent:
+                lines += ["persistence true", f"persistence_location {self.dir}/"]
+            config.write_text("\n".join(lines) + "\n")
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 #: What the embedded Mosquitto queues per persistent session while the gateway is away.
 #: Mosquitto's own default is 1000, beyond which it drops messages.
 EMBEDDED_MAX_QUEUED_MESSAGES = 1_000_000
+#: QoS 1 messages in flight per client, in each direction; Mosquitto also announces it as
+#: its Receive Maximum. Its default of 20 lets the gateway's rule publishes have only 20
+#: unconfirmed at a time, one event-loop turn per refill.
+EMBEDDED_MAX_INFLIGHT_MESSAGES = 1_000
 
 
 class BrokerStartError(FluxError):
@@ -57,6 +61,7 @@ def mosquitto_config(*, host: str, port: int, data_dir: Path, max_payload_bytes:
             f"persistence_location {data_dir}/",
             "autosave_interval 10",
             f"max_queued_messages {EMBEDDED_MAX_QUEUED_MESSAGES}",
+            f"max_inflight_messages {EMBEDDED_MAX_INFLIGHT_MESSAGES}",
             f"message_size_limit {max_payload_bytes * 4}",
             "log_dest stderr",
             "log_type error",
