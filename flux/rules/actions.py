@@ -157,6 +157,8 @@ class ActionExecutor:
         self.max_hops = max_hops
         self._handlers: dict[str, Handler] = {}
         self._failing: set[str] = set()
+        # Looking a labelled child up costs more than the increment itself.
+        self._counted: dict[tuple[str, str], Any] = {}
 
     def register(self, action_type: str, handler: Handler) -> Callable[[], None]:
         """Register the handler for ``action_type``; return a callable that unregisters it."""
@@ -196,19 +198,19 @@ class ActionExecutor:
         if kind in EMITTING_ACTIONS and match.event.hops >= self.max_hops:
             report.loop_cut += 1
             metrics.RULE_LOOPS_CUT.inc()
-            metrics.ACTION_EXECUTIONS.labels(type=kind, result="loop_cut").inc()
+            self._count(kind, "loop_cut")
             return
         handler = self._handlers.get(kind)
         if handler is None:
             report.unhandled += 1
-            metrics.ACTION_EXECUTIONS.labels(type=kind, result="unhandled").inc()
+            self._count(kind, "unhandled")
             return
         try:
             await handler(match, action)
         except Exception as exc:
             report.failed += 1
             report.errors.append(f"{match.rule.id}/{kind}: {exc}")
-            metrics.ACTION_EXECUTIONS.labels(type=kind, result="error").inc()
+            self._count(kind, "error")
             if kind not in self._failing:
                 self._failing.add(kind)
                 log.exception(
@@ -217,7 +219,15 @@ class ActionExecutor:
             return
         self._failing.discard(kind)
         report.ok += 1
-        metrics.ACTION_EXECUTIONS.labels(type=kind, result="ok").inc()
+        self._count(kind, "ok")
+
+    def _count(self, kind: str, result: str) -> None:
+        child = self._counted.get((kind, result))
+        if child is None:
+            child = self._counted[(kind, result)] = metrics.ACTION_EXECUTIONS.labels(
+                type=kind, result=result
+            )
+        child.inc()
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -63,8 +64,12 @@ def template_fields(template: str) -> list[str]:
 
 def lookup(context: Mapping[str, Any], name: str) -> Any:
     """Return the value of a dotted placeholder in ``context`` (``None`` when missing)."""
+    return _lookup_path(context, tuple(name.split(".")))
+
+
+def _lookup_path(context: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = context
-    for part in name.split("."):
+    for part in path:
         if isinstance(value, Mapping):
             value = value.get(part)
         elif isinstance(value, list) and part.isdigit():
@@ -73,6 +78,38 @@ def lookup(context: Mapping[str, Any], name: str) -> Any:
         else:
             return None
     return value
+
+
+#: A template as literal text and placeholder paths, in order (a path is ``None`` for text).
+_Parts = tuple[tuple[str, tuple[str, ...] | None], ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_parts(template: str) -> _Parts:
+    """Split ``template`` once into literal text (``{{``/``}}`` unescaped) and placeholders."""
+    parts: list[tuple[str, tuple[str, ...] | None]] = []
+    pos = 0
+    for found in _PLACEHOLDER.finditer(template):
+        literal = template[pos : found.start()]
+        if found.group(1) is None:
+            literal += found.group(0)[0]
+        if literal:
+            parts.append((literal, None))
+        if found.group(1) is not None:
+            parts.append(("", tuple(found.group(1).strip().split("."))))
+        pos = found.end()
+    if pos < len(template):
+        parts.append((template[pos:], None))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lone_placeholder(value: str) -> tuple[str, ...] | None:
+    """The path of a template that is one placeholder and nothing else, else ``None``."""
+    found = _PLACEHOLDER.fullmatch(value)
+    if found is None or found.group(1) is None:
+        return None
+    return tuple(found.group(1).strip().split("."))
 
 
 def _text(value: Any) -> str:
@@ -93,24 +130,22 @@ def render_template(template: str, context: Mapping[str, Any], *, for_topic: boo
     With ``for_topic``, substituted values cannot add levels or wildcards (``/ + #`` become ``_``).
     """
 
-    def replace(found: re.Match[str]) -> str:
-        token = found.group(0)
-        if token == "{{":
-            return "{"
-        if token == "}}":
-            return "}"
-        text = _text(lookup(context, found.group(1).strip()))
-        return text.translate(_TOPIC_UNSAFE) if for_topic else text
-
-    return _PLACEHOLDER.sub(replace, template)
+    pieces: list[str] = []
+    for literal, path in _template_parts(template):
+        if path is None:
+            pieces.append(literal)
+            continue
+        text = _text(_lookup_path(context, path))
+        pieces.append(text.translate(_TOPIC_UNSAFE) if for_topic else text)
+    return "".join(pieces)
 
 
 def render_value(value: Any, context: Mapping[str, Any]) -> Any:
     """Render templates inside a JSON-like value; a lone placeholder keeps the value's type."""
     if isinstance(value, str):
-        found = _PLACEHOLDER.fullmatch(value)
-        if found is not None and found.group(1) is not None:
-            return lookup(context, found.group(1).strip())
+        path = _lone_placeholder(value)
+        if path is not None:
+            return _lookup_path(context, path)
         return render_template(value, context)
     if isinstance(value, dict):
         return {key: render_value(item, context) for key, item in value.items()}
