@@ -138,8 +138,7 @@ class StoreWriter:
         # Alert rows waiting for a transaction, each group with the hook its commit calls.
         self._alerts: list[tuple[Sequence[dict[str, Any]], Callable[[], None]]] = []
         self._alerts_due = asyncio.Event()
-        self._batch_done = asyncio.Event()
-        self._batch_done.set()
+        self._batches_taken = 0  # event batches started (each takes the queued alert rows)
         self._alert_task: asyncio.Task[None] | None = None
         # The commit in progress (batches are prepared while the previous one commits).
         self._committing: asyncio.Task[None] | None = None
@@ -201,6 +200,7 @@ class StoreWriter:
         if not batch:
             return
         alerts, self._alerts = self._alerts, []
+        self._batches_taken += 1
         rows = [row for group, _ in alerts for row in group]
         prepared: PreparedBatch | None
         try:
@@ -222,7 +222,6 @@ class StoreWriter:
     ) -> None:
         """Commit one prepared batch (retrying through outages), then acknowledge it."""
         rows = [row for group, _ in alerts for row in group]
-        self._batch_done.clear()
         try:
             rejected = (
                 "a payload cannot be written as JSON"
@@ -237,8 +236,6 @@ class StoreWriter:
             SUBSCRIBER_ERRORS.labels(subscriber="store").inc()
             log.exception("store failed on a batch of %d events; left for redelivery", len(batch))
             return
-        finally:
-            self._batch_done.set()
         faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
         for _, confirm in alerts:
@@ -283,18 +280,21 @@ class StoreWriter:
         self._alerts_due.set()
 
     async def _alert_loop(self) -> None:
-        """Commit the alert rows no event batch took along."""
+        """Commit the alert rows no event batch takes along: those still queued after
+        ``ALERTS_ALONE_AFTER_S`` in which no batch started (while batches flow, the next
+        one takes them)."""
         while True:
             await self._alerts_due.wait()
             self._alerts_due.clear()
-            await asyncio.sleep(ALERTS_ALONE_AFTER_S)
-            await self._batch_done.wait()
-            if not self._alerts:
-                continue  # a batch took them
-            pending, self._alerts = self._alerts, []
-            await self._commit_alerts([row for group, _ in pending for row in group])
-            for _, confirm in pending:
-                confirm()
+            while self._alerts:
+                taken = self._batches_taken
+                await asyncio.sleep(ALERTS_ALONE_AFTER_S)
+                if self._batches_taken != taken or not self._alerts:
+                    continue
+                pending, self._alerts = self._alerts, []
+                await self._commit_alerts([row for group, _ in pending for row in group])
+                for _, confirm in pending:
+                    confirm()
 
     async def _commit_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Commit alert rows in one transaction; when the database refuses them, one by one,
