@@ -251,7 +251,12 @@ def make_event(
 
 
 def derive_event(parent: Event, *, topic: str, payload: dict[str, Any]) -> Event:
-    """Create an event emitted by a rule action or a plugin; its hop count grows by one."""
+    """Create an event emitted by a rule action or a plugin; its hop count grows by one.
+
+    ``raw`` is the payload's JSON, which the store writes as the payload: a derived event's
+    payload is not changed afterwards. Raises ``orjson.JSONEncodeError`` for a payload
+    that cannot be written as JSON (nested deeper than 254 levels).
+    """
     raw = orjson.dumps(payload)
     return Event(
         id=new_event_id(),

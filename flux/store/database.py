@@ -20,6 +20,7 @@ from sqlalchemy.engine.url import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from flux.config import DatabaseConfig
+from flux.events import Event
 
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "flux_write"
@@ -34,6 +35,14 @@ def utc_datetime(timestamp: float) -> datetime:
 def json_text(value: Any) -> str:
     """Serialize a JSON column value (orjson: NaN refused, as on ingest)."""
     return orjson.dumps(value).decode()
+
+
+def payload_text(stored: Event) -> str:
+    """The ``payload`` column of an event: a derived event's raw bytes are its payload's
+    JSON already (``derive_event``), so they are not serialized a second time."""
+    if stored.source == "derived":
+        return stored.raw.decode()
+    return orjson.dumps(stored.payload).decode()
 
 
 def sqlite_path(url: str) -> Path | None:

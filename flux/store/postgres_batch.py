@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux import faults
 from flux.events import Event
-from flux.store.database import json_text, utc_datetime
+from flux.store.database import json_text, payload_text, utc_datetime
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch
 
 INSERT_EVENTS = (
@@ -67,7 +67,7 @@ class PostgresBatchWriter:
                 event.id,
                 event.device_id,
                 event.topic,
-                json_text(event.payload),
+                payload_text(event),
                 utc_datetime(event.received_at),
                 event.source,
                 event.hops,

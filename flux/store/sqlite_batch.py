@@ -32,7 +32,7 @@ from typing import Any
 
 from flux import faults
 from flux.events import Event
-from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, utc_datetime
+from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, payload_text, utc_datetime
 
 INSERT_EVENTS = (
     "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
@@ -119,7 +119,7 @@ def event_rows(batch: Sequence[Event]) -> list[tuple[Any, ...]]:
             event.id,
             event.device_id,
             event.topic,
-            json_text(event.payload),
+            payload_text(event),
             sqlite_time(event.received_at),
             event.source,
             event.hops,

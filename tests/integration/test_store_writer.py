@@ -94,14 +94,17 @@ async def test_postgresql_stores_the_same_batch(pg_url: str) -> None:
 
 
 async def _write_unserializable(url: str) -> None:
-    """A derived payload nested deeper than orjson writes (plugins may emit one) is isolated
-    into a ``store_rejected`` dead letter; the rest of the batch is stored, all acknowledged."""
+    """A payload nested deeper than orjson writes (none can reach the store through ingest
+    or a plugin: this is the store's own guard) is isolated into a ``store_rejected`` dead
+    letter; the rest of the batch is stored, all acknowledged."""
     batch = _batch()
     deep: dict[str, Any] = {}
     for _ in range(300):
         deep = {"a": deep}
-    batch.insert(1, derive_event(batch[0], topic="devices/d0/deep", payload={"ok": 1}))
-    batch[1].payload = deep
+    unwritable = make_event("devices/d0/deep", b'{"ok": 1}', max_bytes=4096, source="mqtt")
+    assert isinstance(unwritable, Event)
+    unwritable.payload = deep
+    batch.insert(1, unwritable)
     acked, stored = await _write(url, batch, query=select(events.c.id))
     _, letters = await _write(url, query=select(dead_letters.c.reason))
     assert {row["id"] for row in stored} == {event.id for event in batch} - {batch[1].id}
