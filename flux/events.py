@@ -250,6 +250,15 @@ def make_event(
     )
 
 
+def json_bytes(value: Any) -> bytes:
+    """``orjson.dumps(value)`` in a bytes object of its own size, for bytes kept around.
+
+    orjson's result keeps the buffer it wrote into (4 KiB at least since orjson 3.12): with
+    thousands of events and publishes in flight that was tens of MiB of the gateway's RSS.
+    """
+    return b"".join((orjson.dumps(value), b""))
+
+
 def derive_event(parent: Event, *, topic: str, payload: dict[str, Any]) -> Event:
     """Create an event emitted by a rule action or a plugin; its hop count grows by one.
 
@@ -257,7 +266,7 @@ def derive_event(parent: Event, *, topic: str, payload: dict[str, Any]) -> Event
     payload is not changed afterwards. Raises ``orjson.JSONEncodeError`` for a payload
     that cannot be written as JSON (nested deeper than 254 levels).
     """
-    raw = orjson.dumps(payload)
+    raw = json_bytes(payload)
     return Event(
         id=new_event_id(),
         topic=topic,
@@ -279,6 +288,7 @@ __all__ = [
     "decode_payload",
     "derive_event",
     "device_id_for",
+    "json_bytes",
     "make_event",
     "nesting_depth",
     "new_event_id",

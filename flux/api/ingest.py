@@ -18,6 +18,7 @@ from flux.events import (
     DeadLetter,
     Event,
     FutureAck,
+    json_bytes,
     make_event,
     nesting_depth,
 )
@@ -78,7 +79,7 @@ def to_event(
     """Turn a posted event into an Event exactly as an MQTT message would be (or raise)."""
     where = f"events[{index}]: " if index is not None else ""
     try:
-        raw = orjson.dumps(payload)
+        raw = json_bytes(payload)
     except orjson.JSONEncodeError as exc:
         if nesting_depth(payload) > MAX_DEPTH:  # as over MQTT (decode_payload)
             raise InvalidEvent(

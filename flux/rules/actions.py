@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
-from flux.events import Event, derive_event
+from flux.events import Event, derive_event, json_bytes
 from flux.rules import metrics
 from flux.rules.engine import RuleMatch
 from flux.rules.model import (
@@ -102,11 +100,11 @@ def publish_message(match: RuleMatch, action: PublishAction) -> PublishMessage:
     topic = render_template(action.topic, context, for_topic=True)
     body: bytes
     if action.payload is None:
-        body = orjson.dumps(default_document(match))
+        body = json_bytes(default_document(match))
     elif isinstance(action.payload, str):
         body = render_template(action.payload, context).encode()
     else:
-        body = orjson.dumps(render_value(action.payload, context))
+        body = json_bytes(render_value(action.payload, context))
     return PublishMessage(
         topic=topic, payload=body, qos=action.qos, retain=action.retain, hops=match.event.hops + 1
     )
@@ -127,7 +125,7 @@ def webhook_request(match: RuleMatch, action: WebhookAction) -> WebhookRequest:
     headers = {"content-type": "application/json", **action.headers}
     return WebhookRequest(
         url=action.url,
-        body=orjson.dumps(default_document(match)),
+        body=json_bytes(default_document(match)),
         headers=headers,
         timeout_s=action.timeout_s,
     )
