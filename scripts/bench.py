@@ -22,8 +22,8 @@ embedded Mosquitto (``--broker stock``: Mosquitto's defaults):
   publishes). Reports device messages/s, ``rows_per_s`` (events of every hop plus alerts,
   over the drain's seconds) and the rows of each table: ``dead_letters`` should be 0.
 - ``storm`` (S2): ``shipped`` plus one rule that alerts and publishes (QoS 1) for every
-  telemetry message; a subscriber in a process of its own counts the publishes, and the
-  drain ends once every message is stored and every publish received.
+  telemetry message; ``mosquitto_sub`` (QoS 1) counts the publishes, and the drain ends
+  once every message is stored and every publish received.
 - ``latency`` (P2): a paced QoS 1 stream (``--rate`` for ``--duration`` s); publish -> visible
   in the database per message, observed by polling every 2 ms (SQLite by rowid; PostgreSQL
   by the time-ordered event id, looking again just behind the newest id every 20 ms for
@@ -827,74 +827,71 @@ def publish_fleet(port: int, devices: int, per_device: int, publishers: int) -> 
     return devices * per_device / (time.perf_counter() - started)
 
 
-def _count_publishes(port: int, topic: str, ready: Any, stop: Any, counts: Any) -> None:
-    """Subscriber process: count the messages on ``topic`` and the distinct (device, seq)
-    pairs among them; ``counts`` = [received, unique, perf_counter of the last new pair]."""
-    seen: set[tuple[Any, Any]] = set()
-
-    def on_message(client: Any, userdata: Any, message: Any) -> None:
-        counts[0] += 1
-        try:
-            body = orjson.loads(message.payload)
-            key = (body.get("device"), body.get("seq"))
-        except (orjson.JSONDecodeError, AttributeError):
-            return
-        if key not in seen:
-            seen.add(key)
-            counts[1] = len(seen)
-            counts[2] = time.perf_counter()
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-counter-{os.getpid()}")
-    client.on_message = on_message
-    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-    client.on_subscribe = lambda *_: ready.set()
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    stop.wait()
-    client.disconnect()
-    client.loop_stop()
-
-
 class PublishCounter:
-    """A subscriber in a process of its own (it must not take the gateway's CPU time slices
-    from the bench's threads) counting what the gateway publishes."""
+    """Counts what the gateway publishes on a topic filter, and the distinct (device, seq)
+    pairs among the messages, through ``mosquitto_sub`` (C, a process of its own: a Python
+    subscriber took a good share of the 2 cores from the gateway it measured)."""
+
+    PROBE = b'{"device": "bench-probe", "seq": -1}'
 
     def __init__(self, port: int, topic: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._ready = context.Event()
-        self._stop = context.Event()
-        self._counts = context.Array("d", 3, lock=False)
-        self._process = context.Process(
-            target=_count_publishes, args=(port, topic, self._ready, self._stop, self._counts)
-        )
+        self._port = port
+        self._topic = topic
+        self._seen: set[tuple[Any, Any]] = set()
+        self._received = 0
+        self.last_at = 0.0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
 
     def __enter__(self) -> PublishCounter:
-        self._process.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the publish counter did not subscribe within 30 s")
+        command = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(self._port), "-q", "1"]
+        command += ["-t", self._topic, "-F", "%p", "-i", f"bench-counter-{os.getpid()}"]
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE)
+        self._reader.start()
+        # Subscribed once a probe published on the filter comes back.
+        probe_topic = self._topic.replace("#", "bench-probe").replace("+", "bench-probe")
+        deadline = time.monotonic() + 30
+        while ("bench-probe", -1) not in self._seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the publish counter did not subscribe within 30 s")
+            subprocess.run(
+                ["mosquitto_pub", "-p", str(self._port), "-t", probe_topic, "-m", self.PROBE],
+                check=True,
+            )
+            time.sleep(0.2)
+        self._seen.discard(("bench-probe", -1))
+        self._received = 0
         return self
 
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            self._received += 1
+            try:
+                body = orjson.loads(line)
+                key = (body.get("device"), body.get("seq"))
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if key not in self._seen:
+                self._seen.add(key)
+                self.last_at = time.perf_counter()
+
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.kill()
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+        self._reader.join(10)
 
     def received(self) -> int:
-        return int(self._counts[0])
+        return self._received
 
     def unique(self) -> int:
-        return int(self._counts[1])
-
-    @property
-    def last_at(self) -> float:
-        """``time.perf_counter()`` (system-wide on Linux) when the last new publish arrived."""
-        return float(self._counts[2])
+        return len(self._seen)
 
     def wait_for(self, total: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.unique() < total:
-            if time.monotonic() > deadline or not self._process.is_alive():
+            if time.monotonic() > deadline or (self._process and self._process.poll() is not None):
                 return False
             time.sleep(SAMPLE_S / 2)
         return True
@@ -1527,6 +1524,9 @@ def main() -> int:
         parser.error(str(exc))
     if shutil.which("mosquitto") is None:
         print("benchmark.sh needs mosquitto on PATH (Debian: apt-get install mosquitto)")
+        return 2
+    if any(run.scenario == "storm" for run in runs) and shutil.which("mosquitto_sub") is None:
+        print("the storm scenario needs mosquitto_sub (Debian: apt-get install mosquitto-clients)")
         return 2
     if args.profile and shutil.which("py-spy") is None:
         print("--profile needs py-spy on PATH (pip install py-spy)")
