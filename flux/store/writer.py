@@ -281,15 +281,16 @@ class StoreWriter:
 
     async def _alert_loop(self) -> None:
         """Commit the alert rows no event batch takes along: those still queued after
-        ``ALERTS_ALONE_AFTER_S`` in which no batch started (while batches flow, the next
-        one takes them)."""
+        ``ALERTS_ALONE_AFTER_S`` in which no batch started or committed (while batches
+        flow, the next one takes them)."""
         while True:
             await self._alerts_due.wait()
             self._alerts_due.clear()
             while self._alerts:
                 taken = self._batches_taken
                 await asyncio.sleep(ALERTS_ALONE_AFTER_S)
-                if self._batches_taken != taken or not self._alerts:
+                committing = self._committing is not None and not self._committing.done()
+                if self._batches_taken != taken or committing or not self._alerts:
                     continue
                 pending, self._alerts = self._alerts, []
                 await self._commit_alerts([row for group, _ in pending for row in group])
