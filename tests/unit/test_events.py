@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flux.events import DeadLetter, Event, device_id_for, make_event, new_event_id
@@ -20,6 +22,22 @@ def test_ids_sort_by_creation_and_are_unique() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(len(value) == 32 for value in ids)
+
+
+def test_a_forked_process_draws_its_own_id_prefix() -> None:
+    """Workers forked from one gateway must not share the random part of the ids."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, new_event_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent_id = new_event_id()
+    assert len(child_id) == 32
+    assert child_id[12:20] != parent_id[12:20], "the 32-bit process prefix"
 
 
 def test_a_valid_message_becomes_an_event() -> None:
