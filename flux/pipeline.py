@@ -147,7 +147,7 @@ class Pipeline:
 
     async def handle(self, batch: list[Event]) -> None:
         """Process ``batch`` and what it derives; confirm each event (see ``JointAck``) once
-        the store has committed everything derived, in batch order.
+        everything the batch caused is confirmed, batches in order.
 
         A bug in a stage is logged and counted and the batch is still confirmed, so one bad
         batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
@@ -188,7 +188,7 @@ class Pipeline:
             self._confirm_ready()
 
     def _confirm_ready(self) -> None:
-        """Confirm the oldest batches whose derived events are all committed."""
+        """Confirm the oldest batches whose every part is confirmed."""
         unconfirmed = self._unconfirmed
         while unconfirmed and unconfirmed[0].ready:
             for event in unconfirmed.popleft().batch:
