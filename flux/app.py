@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux.bus import EventBus
 from flux.config import Settings
-from flux.events import DeadLetter, Event
+from flux.events import DeadLetter, Event, PublishMessage
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.ingest.mqtt import MqttIngest
 from flux.ingest.publisher import MqttPublisher
@@ -244,21 +244,10 @@ class Gateway:
             result["result"] = "partial"
         return result
 
-    async def _publish_mqtt(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int,
-        retain: bool,
-        hops: int,
-        confirm: Callable[[], None],
-    ) -> None:
+    async def _publish_mqtt(self, message: PublishMessage, confirm: Callable[[], None]) -> None:
         if self.publisher is None:
             raise RuntimeError("MQTT is not running; message not published")
-        await self.publisher.publish(
-            topic, payload, qos=qos, retain=retain, hops=hops, confirm=confirm
-        )
+        await self.publisher.publish(message, confirm=confirm)
 
     async def publish(self, event: Event) -> None:
         """Put an ingested event on the bus.

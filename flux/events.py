@@ -104,6 +104,18 @@ class DeadLetter:
     ack: Callable[[], None] = field(default=_noop, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class PublishMessage:
+    """An MQTT message for the gateway to publish (a rule's ``publish`` action renders it);
+    ``hops`` is the hop count it carries, as a derived event would."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    hops: int
+
+
 class _IdGenerator:
     """Sortable unique ids: 48-bit milliseconds, a 32-bit random process prefix, then a
     48-bit counter.
@@ -290,6 +302,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "FutureAck",
+    "PublishMessage",
     "decode_payload",
     "derive_event",
     "device_id_for",

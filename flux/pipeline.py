@@ -22,11 +22,11 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from flux.bus import BusClosed, EventBus
 from flux.errors import StoreUnavailable
-from flux.events import DeadLetter, Event
+from flux.events import DeadLetter, Event, PublishMessage
 from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
 from flux.rules import (
@@ -45,19 +45,8 @@ log = logging.getLogger(__name__)
 PIPELINE_SUBSCRIBER = "pipeline"
 
 
-class Publish(Protocol):
-    """Send an MQTT message; ``confirm`` runs once the broker has it (``MqttPublisher``)."""
-
-    async def __call__(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int,
-        retain: bool,
-        hops: int,
-        confirm: Callable[[], None],
-    ) -> None: ...
+#: Send an MQTT message; the callable runs once the broker has it (``MqttPublisher``).
+Publish = Callable[[PublishMessage, Callable[[], None]], Awaitable[None]]
 
 
 STORE_SUBSCRIBER = "store"
@@ -251,18 +240,10 @@ class Pipeline:
     async def _publish_action(self, match: RuleMatch, action: PublishAction) -> None:
         """Hand the message to the publishing session; the batch is confirmed once the
         broker has it (PUBACK for QoS 1)."""
-        message = publish_message(match, action)
         confirmation = self._current
         confirm = self._part(confirmation)
         try:
-            await self._publish(
-                message.topic,
-                message.payload,
-                qos=message.qos,
-                retain=message.retain,
-                hops=message.hops,
-                confirm=confirm,
-            )
+            await self._publish(publish_message(match, action), confirm)
         except BaseException:
             confirmation.outstanding -= 1
             raise

@@ -770,22 +770,29 @@ def publish(port: int, total: int, publishers: int, qos: int) -> tuple[float, fl
     The processes are spawned, not forked: the bench has sampler threads by then.
     """
     per = total // publishers
+    started, finished = _run_publishers(
+        _publisher, [(port, f"bench-{i}", per, qos) for i in range(publishers)]
+    )
+    return per * publishers / (finished - started), started, finished
+
+
+def _run_publishers(
+    target: Callable[..., None], args: list[tuple[Any, ...]]
+) -> tuple[float, float]:
+    """Run one spawned process per ``args`` (each gets a start barrier as its last argument),
+    release them together, wait for them; return when they started and finished."""
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(publishers + 1)
-    processes = [
-        context.Process(target=_publisher, args=(port, f"bench-{i}", per, qos, barrier))
-        for i in range(publishers)
-    ]
+    barrier = context.Barrier(len(args) + 1)
+    processes = [context.Process(target=target, args=(*each, barrier)) for each in args]
     for process in processes:
         process.start()
-    barrier.wait(60)
+    barrier.wait(120)
     started = time.perf_counter()
     for process in processes:
         process.join(300)
         if process.is_alive():
             process.kill()
-    finished = time.perf_counter()
-    return per * publishers / (finished - started), started, finished
+    return started, time.perf_counter()
 
 
 def _fleet_publisher(port: int, indexes: list[int], per_device: int, barrier: Any) -> None:
@@ -806,25 +813,12 @@ def _fleet_publisher(port: int, indexes: list[int], per_device: int, barrier: An
 
 def publish_fleet(port: int, devices: int, per_device: int, publishers: int) -> float:
     """Publish ``per_device`` QoS 1 readings of ``devices`` fleet devices; return msg/s."""
-    context = multiprocessing.get_context("spawn")
     publishers = min(publishers, devices)
-    barrier = context.Barrier(publishers + 1)
-    processes = [
-        context.Process(
-            target=_fleet_publisher,
-            args=(port, list(range(i, devices, publishers)), per_device, barrier),
-        )
-        for i in range(publishers)
-    ]
-    for process in processes:
-        process.start()
-    barrier.wait(120)
-    started = time.perf_counter()
-    for process in processes:
-        process.join(300)
-        if process.is_alive():
-            process.kill()
-    return devices * per_device / (time.perf_counter() - started)
+    started, finished = _run_publishers(
+        _fleet_publisher,
+        [(port, list(range(i, devices, publishers)), per_device) for i in range(publishers)],
+    )
+    return devices * per_device / (finished - started)
 
 
 class PublishCounter:

@@ -221,6 +221,37 @@ def mosquitto_available() -> bool:
     return shutil.which("mosquitto") is not None
 
 
+class Listener:
+    """A paho client subscribed (QoS 1) to topic filters, collecting what the gateway
+    publishes as (topic, decoded JSON payload); it subscribes again after a reconnect."""
+
+    def __init__(self, broker: tuple[str, int], *filters: str) -> None:
+        self.messages: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("listen-"))
+        self.client.on_connect = lambda c, *_: c.subscribe([(f, 1) for f in filters])
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(*broker)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise TimeoutError("listener not subscribed")
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        with self._lock:
+            self.messages.append((message.topic, orjson.loads(message.payload)))
+
+    def received(self) -> list[tuple[str, Any]]:
+        """What arrived so far, in order."""
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 class Device:
     """A paho-mqtt device simulator: publishes and waits for the broker's PUBACKs."""
 

@@ -33,6 +33,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from flux import faults
 from flux.config import MqttConfig
+from flux.events import PublishMessage
 from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, connect
 from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
 
@@ -179,16 +180,9 @@ class MqttPublisher:
                 await asyncio.wait_for(client.disconnect(), 5)
 
     async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int,
-        retain: bool,
-        hops: int,
-        confirm: Callable[[], None] = _noop,
+        self, message: PublishMessage, *, confirm: Callable[[], None] = _noop
     ) -> None:
-        """Queue a message tagged with its hop count (MQTT 5 user property); ``confirm``
+        """Queue ``message`` tagged with its hop count (MQTT 5 user property); ``confirm``
         runs once the broker has it. Waits only while ``max_queued`` messages wait.
 
         When the gateway is subscribed to the topic the message comes back as an event that
@@ -200,7 +194,14 @@ class MqttPublisher:
         if self._closed:
             raise MqttConnectError("the publishing session is closed; not published")
         self._queue.append(
-            _Outgoing(qos, retain, _utf8(topic), self._properties(hops), payload, confirm)
+            _Outgoing(
+                message.qos,
+                message.retain,
+                _utf8(message.topic),
+                self._properties(message.hops),
+                message.payload,
+                confirm,
+            )
         )
         if self._client is None and self._connector is None:
             self._connector = asyncio.create_task(self._connect_loop(), name="mqtt:publisher")

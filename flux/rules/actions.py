@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flux.events import Event, derive_event, json_bytes
+from flux.events import Event, PublishMessage, derive_event, json_bytes
 from flux.rules import metrics
 from flux.rules.engine import RuleMatch
 from flux.rules.model import (
@@ -66,17 +66,6 @@ def alert_row(match: RuleMatch, action: AlertAction) -> dict[str, Any]:
         "output": match.output,
         "created_at": datetime.now(UTC),
     }
-
-
-@dataclass(frozen=True, slots=True)
-class PublishMessage:
-    """An MQTT message rendered from a publish action; ``hops`` is the derived event's hop count."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    hops: int
 
 
 def default_document(match: RuleMatch) -> dict[str, Any]:

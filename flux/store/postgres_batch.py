@@ -118,15 +118,6 @@ class PostgresBatchWriter:
         finally:
             await conn.close()
 
-    async def write(
-        self,
-        batch: Sequence[Event],
-        devices: Sequence[DeviceSummary],
-        alerts: Sequence[dict[str, Any]] = (),
-    ) -> None:
-        """``prepare`` and ``commit`` in one go."""
-        await self.commit(self.prepare(batch, devices, alerts))
-
 
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncpg.InterfaceError):

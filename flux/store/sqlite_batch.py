@@ -176,15 +176,6 @@ class SqliteBatchWriter:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._commit, *prepared)
 
-    async def write(
-        self,
-        batch: Sequence[Event],
-        devices: Sequence[DeviceSummary],
-        alerts: Sequence[dict[str, Any]] = (),
-    ) -> None:
-        """``prepare`` and ``commit`` in one go."""
-        await self.commit(self.prepare(batch, devices, alerts))
-
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)

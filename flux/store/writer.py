@@ -245,8 +245,12 @@ class StoreWriter:
             faults.hit("mid_ack")
 
     def _events_attempt(self, batch: Sequence[Event]) -> Callable[[], Awaitable[None]]:
-        """One try at committing ``batch`` and its device rows."""
-        return partial(self._batches.write, batch, _device_summaries(batch))
+        """One try at committing ``batch`` and its device rows (orjson may refuse a payload)."""
+
+        async def attempt() -> None:
+            await self._batches.commit(self._batches.prepare(batch, _device_summaries(batch)))
+
+        return attempt
 
     async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
         """Write a rejected batch one event at a time; dead-letter the ones refused.

@@ -191,9 +191,23 @@ class Db:
     async def has_all(self, topic: str, sent: int) -> bool:
         return len(set(await self.seqs(topic))) >= sent
 
+    async def stored_at_least(self, topic: str, count: int) -> bool:
+        """Whether ``count`` rows (duplicates included) are stored on ``topic``."""
+        return len(await self.seqs(topic)) >= count
+
     async def integrity_ok(self) -> str:
         async with self.engine.connect() as conn:
             return str((await conn.execute(text("PRAGMA integrity_check"))).scalar_one())
+
+
+async def prime_session(gateway: GatewayProcess, sim: SeqDevice, db: Db, dev: str) -> None:
+    """Create the gateway's persistent session and subscription, then stop it cleanly: what
+    the device publishes from now on waits in the broker for the next gateway."""
+    gateway.start()
+    await gateway.wait_ready()
+    await wait_subscribed(sim, db, dev)
+    gateway.signal(signal.SIGTERM)
+    assert await gateway.wait_exit() == 0, gateway.log()[-3000:]
 
 
 async def wait_subscribed(sim: SeqDevice, db: Db, dev: str, *, timeout: float = 30) -> None:
@@ -537,33 +551,27 @@ class MqttProxy:
 
 def _connect_client_id(data: bytes) -> str | None:
     """The client id of the MQTT CONNECT at the start of ``data``, None until it is whole."""
-    if len(data) < 2:
+    length, index = _varint(data, 1)
+    if length is None or len(data) < index + length:
         return None
-    length, shift, index = 0, 0, 1
-    while True:
-        if index >= len(data):
-            return None
-        byte = data[index]
-        length |= (byte & 0x7F) << shift
-        index += 1
-        if not byte & 0x80:
-            break
-        shift += 7
-    if len(data) < index + length:
-        return None
-    name_length = int.from_bytes(data[index : index + 2], "big")
-    index += 2 + name_length
+    index += 2 + int.from_bytes(data[index : index + 2], "big")  # the protocol name
     level = data[index]
     index += 4  # level, flags, keepalive
     if level >= 5:
-        props, shift = 0, 0
-        while True:
-            byte = data[index]
-            props |= (byte & 0x7F) << shift
-            index += 1
-            if not byte & 0x80:
-                break
-            shift += 7
-        index += props
+        properties, index = _varint(data, index)
+        index += properties or 0
     id_length = int.from_bytes(data[index : index + 2], "big")
     return data[index + 2 : index + 2 + id_length].decode()
+
+
+def _varint(data: bytes, index: int) -> tuple[int | None, int]:
+    """MQTT's variable byte integer at ``index``: (value, index after it); None if cut off."""
+    value, shift = 0, 0
+    while index < len(data):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        index += 1
+        if not byte & 0x80:
+            return value, index
+        shift += 7
+    return None, index

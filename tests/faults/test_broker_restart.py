@@ -55,7 +55,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
                 asyncio.to_thread(sim.publish_seq, topic, range(SENT), pace_every=2)
             )
             await wait_until(
-                lambda: _stored_at_least(db, topic, SENT // 8), timeout=60, what="stream flowing"
+                lambda: db.stored_at_least(topic, SENT // 8), timeout=60, what="stream flowing"
             )
             await asyncio.to_thread(mosquitto.stop)
             stored_at_stop = len(await db.seqs(topic))
@@ -100,10 +100,6 @@ async def test_broker_restart_mid_stream_loses_nothing(
     finally:
         sim.close()
         await db.close()
-
-
-async def _stored_at_least(db: Db, topic: str, n: int) -> bool:
-    return len(await db.seqs(topic)) >= n
 
 
 async def gateway_ready(gateway: Any) -> bool:

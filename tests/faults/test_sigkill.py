@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flux.store.schema import events
-from tests.faults._harness import Db, GatewayProcess, SeqDevice, clean_env, wait_subscribed
+from tests.faults._harness import Db, GatewayProcess, SeqDevice, clean_env, prime_session
 from tests.faults._harness import write_config as _write_config
 from tests.support import PrivateMosquitto, unique, wait_until
 
@@ -64,11 +64,7 @@ async def test_sigkill_at_a_fault_point_loses_nothing(
         # 1. Prime the persistent session: subscribed, then a clean stop.
         prime = GatewayProcess(config("prime"), name="prime")
         gateways.append(prime)
-        prime.start()
-        await prime.wait_ready()
-        await wait_subscribed(sim, db, dev)
-        prime.signal(signal.SIGTERM)
-        assert await prime.wait_exit() == 0, prime.log()[-3000:]
+        await prime_session(prime, sim, db, dev)
 
         # 2. The device's stream waits in the broker for the gateway's session.
         sim.publish_seq(topic, range(SENT))

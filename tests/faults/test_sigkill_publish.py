@@ -13,17 +13,12 @@ messages), and the database holds every message.
 from __future__ import annotations
 
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import orjson
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.faults._harness import (
     Db,
@@ -32,10 +27,10 @@ from tests.faults._harness import (
     SeqDevice,
     clean_env,
     metric_value,
-    wait_subscribed,
+    prime_session,
 )
 from tests.faults._harness import write_config as _write_config
-from tests.support import PrivateMosquitto, mosquitto_available, unique, wait_until
+from tests.support import Listener, PrivateMosquitto, mosquitto_available, unique, wait_until
 
 SENT = 3000
 
@@ -53,36 +48,9 @@ payload = { seq = "{payload.seq}" }
 """
 
 
-class EchoListener:
-    """A subscriber to ``echo/<dev>`` (QoS 1) collecting the sequence numbers it receives."""
-
-    def __init__(self, port: int, dev: str) -> None:
-        self.seqs: list[int] = []
-        self._lock = threading.Lock()
-        self.subscribed = threading.Event()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"echo-{uuid.uuid4().hex[:8]}"
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe(f"echo/{dev}", qos=1)
-        self.client.on_subscribe = lambda *_: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        if not self.subscribed.wait(10):
-            raise TimeoutError("the echo listener could not subscribe")
-
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        seq = int(orjson.loads(message.payload)["seq"])
-        with self._lock:
-            self.seqs.append(seq)
-
-    def received(self) -> set[int]:
-        with self._lock:
-            return set(self.seqs)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def echoed(listener: Listener) -> list[int]:
+    """The sequence numbers of the echoes received so far (duplicates included)."""
+    return [int(payload["seq"]) for _, payload in listener.received()]
 
 
 @pytest.fixture
@@ -126,16 +94,12 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
     db = Db(database_url)
     proxy = MqttProxy(mosquitto.port)
     sim = SeqDevice("127.0.0.1", mosquitto.port)
-    listener = EchoListener(mosquitto.port, dev)
+    listener = Listener(("127.0.0.1", mosquitto.port), f"echo/{dev}")
     gateways: list[GatewayProcess] = []
     try:
         prime = GatewayProcess(config("prime"), name="prime")
         gateways.append(prime)
-        prime.start()
-        await prime.wait_ready()
-        await wait_subscribed(sim, db, dev)
-        prime.signal(signal.SIGTERM)
-        assert await prime.wait_exit() == 0, prime.log()[-3000:]
+        await prime_session(prime, sim, db, dev)
 
         fault = kill if kill.startswith("publish_written") else ""
         armed = GatewayProcess(
@@ -147,11 +111,11 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
             armed.start()
             await armed.wait_ready()
             sim.publish_seq(topic, range(-1, 0))  # a warm-up: the publishing session opens
-            await wait_until(lambda: -1 in listener.received(), what="the warm-up echo")
+            await wait_until(lambda: -1 in set(echoed(listener)), what="the warm-up echo")
             proxy.blackhole("-pub")
             sim.publish_seq(topic, range(SENT))
             await wait_until(
-                lambda: _stored_at_least(db, topic, 1 + 150),
+                lambda: db.stored_at_least(topic, 1 + 150),
                 what="messages stored while the network swallows their publishes",
             )
             armed.signal(signal.SIGKILL)
@@ -161,14 +125,14 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
             armed.start()
             if kill == "mid_drain":
                 await wait_until(
-                    lambda: _stored_at_least(db, topic, SENT // 3),
+                    lambda: db.stored_at_least(topic, SENT // 3),
                     timeout=60,
                     what="a third of the backlog stored",
                 )
                 armed.signal(signal.SIGKILL)
         code = await armed.wait_exit(timeout=60)
         assert code == -signal.SIGKILL, f"expected death by SIGKILL, got {code}:\n{armed.log()}"
-        echoed_before_restart = len(listener.received())
+        echoed_before_restart = len(set(echoed(listener)))
         assert echoed_before_restart < SENT, "the kill came after the whole drain"
         proxy.heal()
         proxy.drop_all()
@@ -179,20 +143,20 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
         await wait_until(sim.all_acked, timeout=60, what="the broker's PUBACKs to the device")
         await wait_until(lambda: _stored_all(db, topic), timeout=90, what="all messages stored")
         await wait_until(
-            lambda: listener.received() >= set(range(SENT)),
+            lambda: set(echoed(listener)) >= set(range(SENT)),
             timeout=60,
             what="the echo of every acknowledged message",
         )
         again.signal(signal.SIGTERM)
         assert await again.wait_exit() == 0, again.log()[-3000:]
 
-        duplicates = len(listener.seqs) - len(listener.received())
+        duplicates = len(echoed(listener)) - len(set(echoed(listener)))
         print(
             f"\n[{kill}] echoes before the restart: {echoed_before_restart}; after: "
-            f"{len(listener.received())} distinct, {duplicates} duplicates"
+            f"{len(set(echoed(listener)))} distinct, {duplicates} duplicates"
         )
         assert sim.acked >= set(range(SENT))
-        assert not (sim.acked - listener.received())
+        assert not (sim.acked - set(echoed(listener)))
         assert await db.dead_letters() == []
     finally:
         for gateway in gateways:
@@ -201,10 +165,6 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
         sim.close()
         proxy.close()
         await db.close()
-
-
-async def _stored_at_least(db: Db, topic: str, count: int) -> bool:
-    return len(await db.seqs(topic)) >= count
 
 
 async def _stored_all(db: Db, topic: str) -> bool:

@@ -49,7 +49,7 @@ async def test_sigterm_under_load_drains_acks_and_exits_zero(
             asyncio.to_thread(sim.publish_seq, topic, range(SENT), pace_every=2)
         )
         await wait_until(
-            lambda: _stored_at_least(db, topic, SENT // 5), timeout=60, what="stream flowing"
+            lambda: db.stored_at_least(topic, SENT // 5), timeout=60, what="stream flowing"
         )
         first.signal(signal.SIGTERM)
         term_at = time.monotonic()
@@ -85,7 +85,3 @@ async def test_sigterm_under_load_drains_acks_and_exits_zero(
         second.kill()
         sim.close()
         await db.close()
-
-
-async def _stored_at_least(db: Db, topic: str, n: int) -> bool:
-    return len(await db.seqs(topic)) >= n

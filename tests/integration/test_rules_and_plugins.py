@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from flux.app import Gateway
 from flux.store.schema import alerts, dead_letters, devices, events
 from tests.conftest import make_settings
 from tests.hook_server import HookServer
-from tests.support import PrivateMosquitto, device, mosquitto_available, unique, wait_until
+from tests.support import (
+    Listener,
+    PrivateMosquitto,
+    device,
+    mosquitto_available,
+    unique,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,28 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def frame(temp_centi: int, humidity: int, battery_mv: int, flags: int = 0) -> bytes:
     """A version-1 sensor frame as the shipped frame-decoder plugin reads it."""
     return struct.pack(">BhBHB", 1, temp_centi, humidity, battery_mv, flags)
-
-
-class Listener:
-    """A paho client collecting what the gateway publishes."""
-
-    def __init__(self, broker: tuple[str, int], topic: str) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("listen-"))
-        subscribed = threading.Event()
-        self.client.on_message = lambda c, u, m: self.messages.append(
-            (m.topic, orjson.loads(m.payload))
-        )
-        self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.connect(*broker)
-        self.client.loop_start()
-        self.client.subscribe(topic, qos=1)
-        if not subscribed.wait(10):
-            raise TimeoutError("listener not subscribed")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 async def _rows(gateway: Gateway, statement: Any) -> list[dict[str, Any]]:

@@ -12,20 +12,25 @@ alerts (and publishes) its condition gives for these readings.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from flux.config import Settings, load_settings
 from flux.store.schema import alerts, dead_letters, devices, events
 from tests.faults._harness import Db
-from tests.support import Device, PrivateMosquitto, fleet, fleet_messages, unique, wait_until
+from tests.support import (
+    Device,
+    Listener,
+    PrivateMosquitto,
+    fleet,
+    fleet_messages,
+    unique,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 200
@@ -71,34 +76,11 @@ def expected_alerts(readings: list[tuple[str, dict[str, Any]]]) -> Counter[str]:
     return expected
 
 
-class Listener:
-    """Counts what the gateway publishes on ``alerts/#`` and ``maintenance/#``."""
-
-    def __init__(self, port: int) -> None:
-        self.topics: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self.ready = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("listener-"))
-        self.client.on_connect = lambda c, *_: c.subscribe([("alerts/#", 1), ("maintenance/#", 1)])
-        self.client.on_subscribe = lambda *_: self.ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        if not self.ready.wait(10):
-            raise TimeoutError("the listener could not subscribe")
-
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        rule = message.topic.split("/")[-1]
-        with self._lock:
-            self.topics["battery-low" if rule == "battery" else rule] += 1
-
-    def counts(self) -> Counter[str]:
-        with self._lock:
-            return Counter(self.topics)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def published_rules(listener: Listener) -> Counter[str]:
+    """The rules behind what the gateway published: alerts/<device>/<rule>, and
+    maintenance/<device>/battery for battery-low."""
+    rules = (topic.split("/")[-1] for topic, _ in listener.received())
+    return Counter("battery-low" if rule == "battery" else rule for rule in rules)
 
 
 async def test_the_shipped_configuration_drains_a_fleet_backlog(
@@ -116,7 +98,7 @@ async def test_the_shipped_configuration_drains_a_fleet_backlog(
     assert 0.05 < matching / TOTAL < 0.2, "about 1 reading in 10 trips a rule"
 
     db = Db(settings.database.url)
-    listener = Listener(mosquitto.port)
+    listener = Listener(("127.0.0.1", mosquitto.port), "alerts/#", "maintenance/#")
     try:
         async with start_gateway(settings):
             pass  # the persistent session and its subscription exist from now on
@@ -131,7 +113,7 @@ async def test_the_shipped_configuration_drains_a_fleet_backlog(
                 lambda: _stored(db, TOTAL), timeout=120, what="every reading stored and enriched"
             )
             await wait_until(
-                lambda: listener.counts() == expected,
+                lambda: published_rules(listener) == expected,
                 timeout=60,
                 what=f"the publishes of every alert ({expected})",
             )
