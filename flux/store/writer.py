@@ -221,7 +221,6 @@ class StoreWriter:
         alerts: Sequence[tuple[Sequence[dict[str, Any]], Callable[[], None]]],
     ) -> None:
         """Commit one prepared batch (retrying through outages), then acknowledge it."""
-        rows = [row for group, _ in alerts for row in group]
         try:
             rejected = (
                 "a payload cannot be written as JSON"
@@ -230,8 +229,7 @@ class StoreWriter:
             )
             if rejected:
                 await self._isolate_rejected(batch)
-                if rows:
-                    await self._commit_alerts(rows)
+                await self._commit_alerts([row for group, _ in alerts for row in group])
         except Exception:
             SUBSCRIBER_ERRORS.labels(subscriber="store").inc()
             log.exception("store failed on a batch of %d events; left for redelivery", len(batch))
@@ -297,14 +295,18 @@ class StoreWriter:
                 if self._batches_taken != taken or committing or not self._alerts:
                     continue
                 pending, self._alerts = self._alerts, []
-                await self._commit_alerts([row for group, _ in pending for row in group])
+                try:
+                    await self._commit_alerts([row for group, _ in pending for row in group])
+                except Exception:
+                    log.exception("alert rows not committed; their events are redelivered")
+                    continue
                 for _, confirm in pending:
                     confirm()
 
     async def _commit_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Commit alert rows in one transaction; when the database refuses them, one by one,
         and an alert still refused with its output made storable text."""
-        if not await self._insert_alerts_retrying(rows):
+        if not rows or not await self._insert_alerts_retrying(rows):
             return
         for row in rows:
             refused = await self._insert_alerts_retrying([row])
@@ -339,9 +341,9 @@ class StoreWriter:
             batch = [await self._dead_letters.get()]
             while len(batch) < _DEAD_LETTER_BATCH and not self._dead_letters.empty():
                 batch.append(self._dead_letters.get_nowait())
-            stored = await self._store_dead_letters(batch)
+            stored = {id(letter) for letter in await self._store_dead_letters(batch)}
             for letter in batch:
-                if letter in stored:
+                if id(letter) in stored:
                     letter.ack()
                 self._dead_letters.task_done()
             if self.dead_letter_backlog and self._dead_letters.qsize() < _DEAD_LETTER_LOW:
