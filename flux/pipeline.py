@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -29,6 +28,7 @@ from flux.errors import StoreUnavailable
 from flux.events import DeadLetter, Event, PublishMessage
 from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
+from flux.retry import DB_RETRY_FIRST_S, Backoff
 from flux.rules import (
     ActionExecutor,
     AlertAction,
@@ -259,15 +259,15 @@ def retry_through_outages(
     """
 
     async def handler_with_retry(match: RuleMatch, action: Any) -> None:
-        delay = 0.05
+        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=max_delay_s)
         while True:
             try:
                 await handler(match, action)
                 return
             except StoreUnavailable as exc:
+                delay = backoff.next()
                 log.warning("%s; retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, max_delay_s)
+                await asyncio.sleep(delay)
 
     return handler_with_retry
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from flux import __version__
 from flux.errors import StoreUnavailable
 from flux.metrics import DEAD_LETTERS
+from flux.retry import DB_RETRY_FIRST_S, Backoff, exponential_delay
 from flux.rules.actions import WebhookRequest, webhook_request
 from flux.rules.model import WebhookAction
 from flux.store.database import writer_connection
@@ -59,7 +59,6 @@ ATTEMPT_HEADER = "x-flux-attempt"
 #: A claim lasts the request's timeout plus this long before another sender may take the row.
 LEASE_MARGIN_S = 30.0
 
-_DB_RETRY_MIN_DELAY_S = 0.05
 _DB_RETRY_MAX_DELAY_S = 10.0
 _MIN_WAIT_S = 0.01
 _ERROR_BODY_BYTES = 512
@@ -86,10 +85,6 @@ def _now() -> datetime:
 def _aware(value: datetime) -> datetime:
     """SQLite hands timestamps back naive; every timestamp flux writes is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _jittered(delay: float) -> float:
-    return delay * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,14 +297,14 @@ class WebhookOutbox:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        delay = 0.0
+        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=_DB_RETRY_MAX_DELAY_S)
         failing = False
         while not self._stopping.is_set():
             self._wake.clear()
             try:
                 wait_s = await self._pump()
             except Exception as exc:
-                delay = min(max(delay * 2, _DB_RETRY_MIN_DELAY_S), _DB_RETRY_MAX_DELAY_S)
+                delay = backoff.next()
                 if not failing:
                     failing = True
                     log.warning("webhook outbox cannot read its table, retrying: %s", exc)
@@ -317,10 +312,11 @@ class WebhookOutbox:
                     log.debug("webhook outbox still failing: %s", exc)
                 # An enqueue that commits, a finished delivery or stopping ends the pause early.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _jittered(delay))
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 continue
             if failing:
-                failing, delay = False, 0.0
+                failing = False
+                backoff.reset()
                 log.info("webhook outbox reaches its table again")
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
@@ -463,8 +459,7 @@ class WebhookOutbox:
 
     def backoff_s(self, attempts: int, retry_after_s: float | None = None) -> float:
         """Return the delay before attempt ``attempts + 1``: capped exponential, jittered."""
-        delay = min(self.max_delay_s, self.base_delay_s * 2.0 ** min(attempts - 1, 60))
-        delay = _jittered(delay)
+        delay = exponential_delay(attempts, first_s=self.base_delay_s, max_s=self.max_delay_s)
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.max_delay_s))
         return delay
@@ -479,7 +474,7 @@ class WebhookOutbox:
 
     async def _record_loop(self) -> None:
         """Commit every waiting result in one transaction (one fsync), retrying through outages."""
-        delay = 0.0
+        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=_DB_RETRY_MAX_DELAY_S)
         while self._results:
             batch, self._results = self._results, []
             while True:
@@ -487,15 +482,15 @@ class WebhookOutbox:
                     recorded = await self._record(batch)
                     break
                 except Exception as exc:
-                    delay = min(max(delay * 2, _DB_RETRY_MIN_DELAY_S), _DB_RETRY_MAX_DELAY_S)
+                    delay = backoff.next()
                     log.warning(
                         "could not record %d webhook attempts, retrying in %.2fs: %s",
                         len(batch),
                         delay,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     )
-                    await asyncio.sleep(_jittered(delay))
-            delay = 0.0
+                    await asyncio.sleep(delay)
+            backoff.reset()
             for (claim, outcome, future), (owned, gave_up) in zip(batch, recorded, strict=True):
                 self._count(claim, outcome, owned=owned, gave_up=gave_up)
                 if not future.done():

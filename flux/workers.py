@@ -34,6 +34,7 @@ from pathlib import Path
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError, FluxError
 from flux.ingest.broker import EmbeddedBroker, broker_answers
+from flux.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class Supervisor:
 
     async def _keep_running(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        delay = self._first_delay_s
+        backoff = Backoff(first_s=self._first_delay_s, max_s=self._max_delay_s)
         while not self._stopping.is_set():
             started = loop.time()
             process = await asyncio.create_subprocess_exec(
@@ -313,7 +314,8 @@ class Supervisor:
                 self.request_stop()
                 return
             if loop.time() - started >= self._healthy_after_s:
-                delay = self._first_delay_s
+                backoff.reset()
+            delay = backoff.next()
             log.warning(
                 "%s exited unexpectedly with %s; restarting it in %.1fs",
                 worker.name,
@@ -323,7 +325,6 @@ class Supervisor:
             worker.last_code = None  # handled: a stop during the backoff is a clean one
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, self._max_delay_s)
 
 
 async def _embedded_broker(settings: Settings) -> EmbeddedBroker | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import struct
 from collections import deque
@@ -35,6 +34,7 @@ from flux.config import MqttConfig
 from flux.errors import FluxError
 from flux.events import DeadLetter, Event, make_event
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
+from flux.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ class MqttIngest:
         self._idle = asyncio.Event()
         self._idle.set()
         self._client: _GatewayClient | None = None
-        self._delay = _RECONNECT_FIRST_DELAY_S
+        self._backoff = Backoff(
+            first_s=_RECONNECT_FIRST_DELAY_S, max_s=config.reconnect_max_delay_s
+        )
         self._accepting = True
         # Messages waiting for room on the bus, oldest first, and the task handing them
         # over; while any wait, later messages queue behind them so none overtakes another.
@@ -241,7 +243,7 @@ class MqttIngest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_qos0_message
-        client.reconnect_delay = self._delay
+        client.reconnect_delay = _RECONNECT_FIRST_DELAY_S
         self._client = client
         try:
             await connect(
@@ -313,8 +315,8 @@ class MqttIngest:
 
     def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
         self._generation += 1
-        self._delay = _RECONNECT_FIRST_DELAY_S
-        client.reconnect_delay = self._delay
+        self._backoff.reset()
+        client.reconnect_delay = _RECONNECT_FIRST_DELAY_S
         qos = self._config.qos
         for topic in self.subscriptions():
             client.subscribe(topic, qos=qos)
@@ -331,10 +333,8 @@ class MqttIngest:
         self._generation += 1
         if self._client is not None:
             MQTT_RECONNECTS.inc()
-            # Capped exponential backoff with jitter for gmqtt's next reconnect attempts.
-            self._delay = min(self._delay * 2, self._config.reconnect_max_delay_s)
-            client.reconnect_delay = self._delay * (0.5 + random.random() / 2)
-            log.warning("MQTT connection lost; reconnecting (next delay %.1fs)", self._delay)
+            client.reconnect_delay = delay = self._backoff.next()  # gmqtt's next attempts
+            log.warning("MQTT connection lost; reconnecting (next delay %.1fs)", delay)
         self._set_connected(False)
         self._room.set()
 

@@ -36,6 +36,7 @@ from flux.config import MqttConfig
 from flux.events import PublishMessage
 from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, connect
 from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
+from flux.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class MqttPublisher:
     async def _connect_loop(self) -> None:
         """Open the session; while the broker refuses, retry with capped backoff (messages
         wait in the queue: back-pressure, not loss)."""
-        delay = _RECONNECT_DELAY_S / 4
+        backoff = Backoff(first_s=_RECONNECT_DELAY_S / 4, max_s=self._config.reconnect_max_delay_s)
         while self._client is None and not self._closed:
             client = _PublisherClient(
                 self._client_id,
@@ -242,9 +243,9 @@ class MqttPublisher:
             except MqttConnectError as exc:
                 self._client = None
                 self._connected = False
+                delay = backoff.next()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._config.reconnect_max_delay_s)
         self._connector = None
 
     def _on_session(self, connected: bool) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +40,7 @@ from flux.metrics import (
     DEGRADED,
     SUBSCRIBER_ERRORS,
 )
+from flux.retry import DB_RETRY_FIRST_S, Backoff
 from flux.store.database import sqlite_path, utc_datetime, writer_connection
 from flux.store.schema import alerts, dead_letters
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch, SqliteBatchWriter
@@ -408,7 +408,7 @@ class StoreWriter:
         Return None on commit, or the error text when the database rejects the data itself
         (retrying would never help). Outages are retried with capped, jittered backoff.
         """
-        delay = 0.05
+        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=self._retry_max_delay_s)
         while True:
             started = time.perf_counter()
             try:
@@ -425,9 +425,9 @@ class StoreWriter:
                     return str(getattr(exc, "orig", exc) or exc)
                 DB_WRITE_ERRORS.inc()
                 self._set_available(False, str(exc).splitlines()[0])
+                delay = backoff.next()
                 log.warning("database write failed, retrying in %.2fs: %s", delay, self.last_error)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self._retry_max_delay_s)
+                await asyncio.sleep(delay)
                 continue
             DB_QUERY_DURATION.labels(operation="write_batch").observe(time.perf_counter() - started)
             self._set_available(True, "")
