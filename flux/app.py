@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Self
 
 import uvicorn
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux.bus import EventBus
 from flux.config import Settings
 from flux.events import DeadLetter, Event, PublishMessage
+from flux.ingest._gmqtt import MQTTv50, MQTTv311
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.ingest.mqtt import MqttIngest
 from flux.ingest.publisher import MqttPublisher

@@ -57,6 +57,10 @@ class NotFound(FluxError):
     status_code = 404
 
 
+class MqttConnectError(FluxError):
+    """The broker refused or did not answer a connection."""
+
+
 class Unauthorized(FluxError):
     """A bearer token is configured and the request did not present it."""
 
@@ -67,6 +71,7 @@ __all__ = [
     "ConfigError",
     "FluxError",
     "InvalidEvent",
+    "MqttConnectError",
     "NotFound",
     "NotReady",
     "StoreUnavailable",

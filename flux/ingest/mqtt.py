@@ -20,19 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Self
 
-import gmqtt
-from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
-
 from flux.config import MqttConfig
-from flux.errors import FluxError
+from flux.errors import MqttConnectError
 from flux.events import DeadLetter, Event, make_event
+from flux.ingest._gmqtt import IngestClient, MQTTv50, connect
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
 from flux.retry import Backoff
 
@@ -44,115 +41,8 @@ _BARRIER_TIMEOUT_S = 2.0
 #: MQTT 5 user property carrying a derived message's hop count.
 HOPS_PROPERTY = "flux-hops"
 #: PUBACK (QoS 1) and PUBREC (QoS 2) with reason "success": valid in MQTT 3.1.1 and 5.
-_ACK_COMMAND = {1: MQTTCommands.PUBACK, 2: MQTTCommands.PUBREC}
+_ACK_COMMAND = {1: 0x40, 2: 0x50}
 _ACK_PACKET = struct.Struct("!BBH")
-
-#: Called per PUBLISH: topic, payload, QoS, properties, packet id (None for QoS 0).
-Receiver = Callable[[str | bytes, bytes, int, dict[str, Any], int | None], None]
-
-
-class MqttConnectError(FluxError):
-    """The broker refused or did not answer the first connection."""
-
-
-class _GatewayClient(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt client whose QoS 1/2 PUBLISHes go to ``receive`` with their packet id.
-
-    gmqtt's own path runs a task per message and sends the PUBACK when it ends; ours sends
-    it when the store has committed (see ``MqttIngest``). gmqtt parses packets in a separate
-    handler object, so the two per-QoS entry points are replaced on that instance.
-    """
-
-    def __init__(self, *args: Any, receive: Receiver, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        handler = self._package_handler
-        #: Set by each PINGRESP (see ``MqttIngest._broker_has_read``).
-        self.pong = asyncio.Event()
-        handle_pingresp = handler._handle_pingresp_packet
-
-        def pingresp(cmd: int, packet: bytes) -> None:
-            handle_pingresp(cmd, packet)
-            self.pong.set()
-
-        handler._handle_pingresp_packet = pingresp
-        state = self._connection_state
-        handle_packet = handler._handle_packet
-
-        def handle_packet_fast(cmd: int, packet: bytes) -> None:
-            # Most PUBLISHes carry no properties: parse those here (a third of gmqtt's cost
-            # per message); everything else, and anything odd, takes gmqtt's full path.
-            if cmd & 0xF0 != MQTTCommands.PUBLISH or not _publish_fast(
-                receive, cmd, packet, state.protocol_version >= MQTTv50
-            ):
-                handle_packet(cmd, packet)
-
-        def qos_1(mid: int, packet: bytes, topic: str | bytes, properties: Any) -> None:
-            receive(topic, packet, 1, properties, mid)
-
-        def qos_2(mid: int, packet: bytes, topic: str | bytes, properties: Any) -> None:
-            # Subscriptions are QoS <= 1, so a broker should never send QoS 2; if one does,
-            # it is stored like QoS 1 and answered with PUBREC after commit.
-            receive(topic, packet, 2, properties, mid)
-
-        handler._handle_packet = handle_packet_fast
-        handler._handle_qos_1_publish_packet = qos_1
-        handler._handle_qos_2_publish_packet = qos_2
-
-
-def _publish_fast(receive: Receiver, cmd: int, packet: bytes, v5: bool) -> bool:
-    """Hand a PUBLISH without properties to ``receive``; False leaves it to gmqtt."""
-    try:
-        end = 2 + ((packet[0] << 8) | packet[1])
-        if end == 2 or end > len(packet):
-            return False  # empty topic (an alias, which gmqtt resolves) or a broken packet
-        topic = packet[2:end].decode("utf-8")
-        qos = (cmd >> 1) & 3
-        mid = None
-        if qos:
-            mid = (packet[end] << 8) | packet[end + 1]
-            end += 2
-        if v5:
-            if packet[end]:
-                return False  # properties (user properties, aliases...): gmqtt parses them
-            end += 1
-    except (IndexError, UnicodeDecodeError):
-        return False
-    receive(topic, packet[end:], qos, {}, mid)
-    return True
-
-
-async def connect(
-    client: gmqtt.Client, config: MqttConfig, *, version: int, timeout_s: float, what: str
-) -> None:
-    """Connect ``client`` to the configured broker (credentials, TLS, keepalive), or raise
-    ``MqttConnectError`` ("cannot connect <what> host:port") after closing the attempt."""
-    if config.username:
-        client.set_auth_credentials(config.username, config.password or None)
-    try:
-        await asyncio.wait_for(
-            client.connect(
-                config.host,
-                config.port,
-                ssl=tls_context(config),
-                keepalive=config.keepalive_s,
-                version=version,
-            ),
-            timeout_s,
-        )
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.disconnect(), 2)
-        raise MqttConnectError(f"cannot connect {what} {config.host}:{config.port}: {exc}") from exc
-
-
-def tls_context(config: MqttConfig) -> ssl.SSLContext | bool:
-    if not config.uses_tls:
-        return False
-    context = ssl.create_default_context(cafile=config.tls_ca_file or None)
-    if config.tls_insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _hops_from(properties: dict[str, Any]) -> int:
@@ -201,7 +91,7 @@ class MqttIngest:
         self._connected = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._client: _GatewayClient | None = None
+        self._client: IngestClient | None = None
         self._backoff = Backoff(
             first_s=_RECONNECT_FIRST_DELAY_S, max_s=config.reconnect_max_delay_s
         )
@@ -232,7 +122,7 @@ class MqttIngest:
         if self._client is not None:
             raise RuntimeError("the MQTT ingest is already running")
         config = self._config
-        client = _GatewayClient(
+        client = IngestClient(
             config.client_id,
             clean_session=False,
             optimistic_acknowledgement=False,
@@ -280,7 +170,7 @@ class MqttIngest:
             log.warning("MQTT disconnect did not complete cleanly: %s", exc)
         self._set_connected(False)
 
-    async def _broker_has_read(self, client: _GatewayClient, *, timeout: float) -> None:
+    async def _broker_has_read(self, client: IngestClient, *, timeout: float) -> None:
         """Wait until the broker has read everything sent so far: it answers a PINGREQ only
         after the packets before it, our last PUBACKs included.
 
@@ -290,10 +180,8 @@ class MqttIngest:
         """
         if not client.is_connected:
             return
-        client.pong.clear()
         try:
-            client._send_simple_command(MQTTCommands.PINGREQ)
-            await asyncio.wait_for(client.pong.wait(), timeout)
+            await client.ping(timeout)
         except (TimeoutError, OSError, Exception) as exc:
             log.warning(
                 "the broker did not answer before disconnect (%s); recent PUBACKs "
@@ -320,7 +208,7 @@ class MqttIngest:
         qos = self._config.qos
         for topic in self.subscriptions():
             client.subscribe(topic, qos=qos)
-        self._gate_reads(client)
+        client.gate_reads(self._room)
         self._set_connected(True)
         log.info(
             "connected to MQTT broker %s:%d, subscribed %s",
@@ -432,11 +320,10 @@ class MqttIngest:
         acks, self._acks = self._acks, []
         if not acks:
             return
-        protocol = getattr(getattr(self._client, "_connection", None), "_protocol", None)
-        if self._acks_generation != self._generation or protocol is None:
+        client = self._client
+        current = self._acks_generation == self._generation
+        if not current or client is None or not client.write(b"".join(acks)):
             MQTT_STALE_ACKS.inc(len(acks))
-            return
-        protocol.write_data(b"".join(acks))
 
     def _settle(self) -> None:
         """One message fewer between arrival and acknowledgement (or hand-over, QoS 0)."""
@@ -448,28 +335,6 @@ class MqttIngest:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _gate_reads(self, client: Any) -> None:
-        """Make gmqtt's read loop wait for room before it parses more packets.
-
-        Pausing the transport alone is not enough: gmqtt reads through an asyncio
-        StreamReader, which resumes the transport whenever its own buffer drains, and the
-        read loop parses a whole buffer (hundreds of messages) without yielding.
-        """
-        protocol = getattr(getattr(client, "_connection", None), "_protocol", None)
-        if protocol is None or getattr(protocol, "_flux_gated", False):
-            return
-        read = protocol.read
-        room = self._room
-
-        async def gated_read(n: int = -1) -> bytes:
-            if not room.is_set():
-                await room.wait()
-            data: bytes = await read(n)
-            return data
-
-        protocol.read = gated_read
-        protocol._flux_gated = True
-
     def _set_connected(self, connected: bool) -> None:
         if connected:
             self._connected.set()
@@ -479,4 +344,4 @@ class MqttIngest:
         DEGRADED.labels(reason="mqtt_disconnected").set(0 if connected else 1)
 
 
-__all__ = ["HOPS_PROPERTY", "MqttConnectError", "MqttIngest", "connect", "tls_context"]
+__all__ = ["HOPS_PROPERTY", "MqttIngest"]

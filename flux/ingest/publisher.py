@@ -12,9 +12,9 @@ a new publish: at least once.
 The session (clean start, opened on the first publish) is never read-gated, unlike the
 ingest session whose read gate holds back the PUBACKs the broker waits for. When the
 connection drops, the messages in flight go back to the head of the queue and are sent
-again, in their order, once gmqtt has reconnected. PUBLISH packets are encoded here and
-PUBACKs read here (gmqtt's own publish path writes one packet per socket write and keeps
-its packet ids to itself); connecting, keepalive and reconnecting stay gmqtt's.
+again, in their order, once gmqtt has reconnected. PUBLISH packets are encoded here
+(gmqtt's own publish path writes one packet per socket write and keeps its packet ids to
+itself); connecting, keepalive and reconnecting stay gmqtt's (``flux.ingest._gmqtt``).
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
-
-import gmqtt
-from gmqtt.mqtt.constants import MQTTv50
+from typing import Self
 
 from flux import faults
 from flux.config import MqttConfig
+from flux.errors import MqttConnectError
 from flux.events import PublishMessage
-from flux.ingest.mqtt import HOPS_PROPERTY, MqttConnectError, connect
+from flux.ingest._gmqtt import MQTTv50, PublisherClient, connect
+from flux.ingest.mqtt import HOPS_PROPERTY
 from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
 from flux.retry import Backoff
 
@@ -85,44 +84,6 @@ class _Outgoing:
         return bytes((first,)) + _varint(length) + body + self.payload
 
 
-class _PublisherClient(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt client whose PUBACKs go to ``on_puback(mid, reason)`` and whose (re)connects
-    go to ``on_session``; it writes raw packets with ``send``."""
-
-    def __init__(
-        self,
-        *args: Any,
-        on_puback: Callable[[int, int], None],
-        on_session: Callable[[bool], None],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        handler = self._package_handler
-
-        def puback(cmd: int, packet: bytes) -> None:
-            on_puback(_MID.unpack_from(packet)[0], packet[2] if len(packet) > 2 else 0)
-
-        handler._handle_puback_packet = puback
-        self.on_connect = lambda *_: on_session(True)
-        self.on_disconnect = lambda *_: on_session(False)
-
-    def receive_maximum(self) -> int | None:
-        """The broker's Receive Maximum from its CONNACK, if it announced one."""
-        value: Any = self._package_handler._connack_properties.get("receive_maximum")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        return value if isinstance(value, int) and value > 0 else None
-
-    def send(self, data: bytes) -> bool:
-        """Write ``data`` to the connection; False when there is none to write to."""
-        protocol: Any = getattr(self._connection, "_protocol", None)
-        transport = getattr(protocol, "_transport", None)
-        if transport is None or transport.is_closing() or not self.is_connected:
-            return False
-        protocol.write_data(data)
-        return True
-
-
 class MqttPublisher:
     """Publish rule actions' messages; see the module docstring for the guarantees."""
 
@@ -140,7 +101,7 @@ class MqttPublisher:
         self._protocol_version = protocol_version
         self._max_queued = max_queued
         self._connect_timeout_s = connect_timeout_s
-        self._client: _PublisherClient | None = None
+        self._client: PublisherClient | None = None
         self._connector: asyncio.Task[None] | None = None
         self._queue: deque[_Outgoing] = deque()
         self._in_flight: dict[int, _Outgoing] = {}  # by packet id, in the order sent
@@ -224,7 +185,7 @@ class MqttPublisher:
         wait in the queue: back-pressure, not loss)."""
         backoff = Backoff(first_s=_RECONNECT_DELAY_S / 4, max_s=self._config.reconnect_max_delay_s)
         while self._client is None and not self._closed:
-            client = _PublisherClient(
+            client = PublisherClient(
                 self._client_id,
                 clean_session=True,
                 on_puback=self._on_puback,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flux.ingest.mqtt import _publish_fast
+from flux.ingest._gmqtt import parse_publish
 
 PUBLISH = 0x30
 
@@ -23,7 +23,7 @@ def _packet(topic: bytes, payload: bytes, *, mid: int | None, properties: bytes 
 
 def _parse(cmd: int, packet: bytes, v5: bool) -> tuple[bool, list[tuple[Any, ...]]]:
     received: list[tuple[Any, ...]] = []
-    handled = _publish_fast(lambda *args: received.append(args), cmd, packet, v5)
+    handled = parse_publish(lambda *args: received.append(args), cmd, packet, v5)
     return handled, received
 
 
