@@ -25,6 +25,7 @@ import uvicorn
 from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from flux.api import create_api
 from flux.bus import EventBus
 from flux.config import Settings
 from flux.events import DeadLetter, Event, PublishMessage
@@ -287,8 +288,6 @@ class Gateway:
         self.broker = await self._stack.enter_async_context(EmbeddedBroker.choose(mqtt))
 
     async def _start_http(self) -> None:
-        from flux.api import create_api
-
         server_config = self.settings.server
         config = uvicorn.Config(
             create_api(self),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,11 +18,9 @@ from flux import __version__
 from flux.api import devices, ingest, plugins, rules
 from flux.api.auth import require_token
 from flux.api.fast_ingest import FastIngest
+from flux.api.gateway import GatewayView
 from flux.errors import FluxError
 from flux.metrics import HTTP_REQUEST_DURATION
-
-if TYPE_CHECKING:
-    from flux.app import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def _error(status: int, kind: str, message: str, **fields: Any) -> JSONResponse:
     return JSONResponse({"error": kind, "message": message, **fields}, status_code=status)
 
 
-def create_api(gateway: Gateway) -> FastAPI:
+def create_api(gateway: GatewayView) -> FastAPI:
     """Return the ASGI app serving ``gateway``."""
     api = FastAPI(
         title="flux",

@@ -6,6 +6,7 @@ import hmac
 
 from fastapi import Request
 
+from flux.api.gateway import gateway_of
 from flux.errors import Unauthorized
 
 
@@ -26,7 +27,7 @@ async def require_token(request: Request) -> None:
     Async on purpose: FastAPI runs a plain function dependency on a worker thread, a thread
     hop per request that cost more than the rest of an ingest request.
     """
-    token: str = request.app.state.gateway.settings.server.api_token
+    token: str = gateway_of(request).settings.server.api_token
     if not token_accepted(token, request.headers.get("authorization", "")):
         raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
+from flux.api.gateway import engine_of, gateway_of
 from flux.errors import NotFound
 from flux.store import queries
 
@@ -22,12 +23,12 @@ async def list_devices(
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> list[dict[str, Any]]:
     """List known devices with first/last seen, message count and last payload."""
-    return await queries.list_devices(request.app.state.gateway.engine, limit=limit, offset=offset)
+    return await queries.list_devices(engine_of(request), limit=limit, offset=offset)
 
 
 @router.get("/devices/{device_id}", responses={404: {"description": "unknown device"}})
 async def get_device(request: Request, device_id: DeviceId) -> dict[str, Any]:
-    device = await queries.get_device(request.app.state.gateway.engine, device_id)
+    device = await queries.get_device(engine_of(request), device_id)
     if device is None:
         raise NotFound(f"no device {device_id!r}", device_id=device_id)
     return device
@@ -40,7 +41,7 @@ async def device_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
     """Return a device's newest events, newest first."""
-    return await queries.device_events(request.app.state.gateway.engine, device_id, limit=limit)
+    return await queries.device_events(engine_of(request), device_id, limit=limit)
 
 
 @router.get("/alerts")
@@ -52,14 +53,14 @@ async def alerts(
 ) -> list[dict[str, Any]]:
     """Return the newest alerts, optionally filtered by device or rule."""
     return await queries.list_alerts(
-        request.app.state.gateway.engine, limit=limit, device_id=device_id, rule_id=rule_id
+        engine_of(request), limit=limit, device_id=device_id, rule_id=rule_id
     )
 
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
     """One-call overview: readiness, degraded reasons, asyncio tasks, bus, rules, plugins."""
-    gateway = request.app.state.gateway
+    gateway = gateway_of(request)
     rules = gateway.rules.rules() if gateway.rules is not None else []
     by_status: dict[str, int] = {}
     for rule in rules:
@@ -83,7 +84,7 @@ async def dead_letters(
     request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
     """Return the newest dead letters with their reason."""
-    return await queries.list_dead_letters(request.app.state.gateway.engine, limit=limit)
+    return await queries.list_dead_letters(engine_of(request), limit=limit)
 
 
 __all__ = ["router"]

@@ -13,18 +13,16 @@ handler would. The route's OpenAPI description stays with FastAPI.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux.api.auth import token_accepted
+from flux.api.gateway import GatewayView
 from flux.api.ingest import store, to_event
 from flux.errors import FluxError
 from flux.metrics import HTTP_REQUEST_DURATION
-
-if TYPE_CHECKING:
-    from flux.app import Gateway
 
 PATH = "/api/v1/event"
 #: A body larger than this is left to FastAPI (the short path is for readings).
@@ -35,7 +33,7 @@ _HEADERS = [(b"content-type", b"application/json")]
 class FastIngest:
     """ASGI middleware answering well-formed ``POST /api/v1/event`` requests itself."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+    def __init__(self, app: ASGIApp, gateway: GatewayView) -> None:
         self.app = app
         self.gateway = gateway
 

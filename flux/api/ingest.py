@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from flux.api.gateway import GatewayView, gateway_of
 from flux.errors import InvalidEvent, NotReady, StoreUnavailable
 from flux.events import (
     MAX_DEPTH,
@@ -22,9 +23,6 @@ from flux.events import (
     make_event,
     nesting_depth,
 )
-
-if TYPE_CHECKING:
-    from flux.app import Gateway
 
 
 class _StrictJsonRoute(APIRoute):
@@ -94,7 +92,7 @@ def to_event(
     return created
 
 
-async def store(gateway: Gateway, batch: list[Event]) -> None:
+async def store(gateway: GatewayView, batch: list[Event]) -> None:
     """Publish ``batch`` and wait until every event is committed."""
     if not gateway.accepting:
         raise NotReady("the gateway is not accepting events (starting or stopping)")
@@ -128,9 +126,9 @@ async def store(gateway: Gateway, batch: list[Event]) -> None:
 )
 async def post_event(request: Request, item: Annotated[EventIn, Body()]) -> StoredEvent:
     """Ingest one event; 201 once it is committed to the database."""
-    max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
+    max_bytes = gateway_of(request).settings.mqtt.max_payload_bytes
     event = to_event(item.topic, item.payload, max_bytes=max_bytes)
-    await store(request.app.state.gateway, [event])
+    await store(gateway_of(request), [event])
     return StoredEvent(id=event.id, topic=event.topic, device_id=event.device_id)
 
 
@@ -145,12 +143,12 @@ async def post_events(
     items: Annotated[list[EventIn], Body(max_length=MAX_BATCH_EVENTS)],
 ) -> StoredEvents:
     """Ingest a batch in order; validated as a whole (one bad event rejects the batch)."""
-    max_bytes = request.app.state.gateway.settings.mqtt.max_payload_bytes
+    max_bytes = gateway_of(request).settings.mqtt.max_payload_bytes
     batch = [
         to_event(item.topic, item.payload, max_bytes=max_bytes, index=i)
         for i, item in enumerate(items)
     ]
-    await store(request.app.state.gateway, batch)
+    await store(gateway_of(request), batch)
     return StoredEvents(count=len(batch), ids=[event.id for event in batch])
 
 

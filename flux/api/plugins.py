@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
+from flux.api.gateway import GatewayView, gateway_of
 from flux.errors import FluxError
 from flux.plugins import PluginManager
-
-if TYPE_CHECKING:
-    from flux.app import Gateway
 
 router = APIRouter(tags=["plugins"])
 
@@ -18,7 +16,7 @@ PluginName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 def _manager(request: Request) -> PluginManager:
-    gateway: Gateway = request.app.state.gateway
+    gateway: GatewayView = gateway_of(request)
     if gateway.plugins is None:
         raise FluxError("the plugin runtime is not running")
     return gateway.plugins

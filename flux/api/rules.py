@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, Field
 
+from flux.api.gateway import GatewayView, gateway_of
 from flux.errors import FluxError, NotFound
 from flux.rules import RuleEngine, parse_rule
 from flux.rules.sources import RuleSources
-
-if TYPE_CHECKING:
-    from flux.app import Gateway
 
 router = APIRouter(tags=["rules"])
 
@@ -46,8 +44,8 @@ class RuleTestRequest(BaseModel):
     device_id: str | None = Field(default=None, max_length=255)
 
 
-def _parts(request: Request) -> tuple[Gateway, RuleEngine, RuleSources]:
-    gateway: Gateway = request.app.state.gateway
+def _parts(request: Request) -> tuple[GatewayView, RuleEngine, RuleSources]:
+    gateway: GatewayView = gateway_of(request)
     if gateway.rules is None or gateway.rule_sources is None:
         raise FluxError("the rules engine is not running")
     return gateway, gateway.rules, gateway.rule_sources
