@@ -179,8 +179,6 @@ class Gateway:
                 max_hops=settings.plugins.max_hops,
             )
         )
-        for name, error in self.plugins.load_errors.items():
-            log.error("plugin %s not loaded: %s", name, error)
         rules = settings.rules
         self.rules = await self._stack.enter_async_context(
             RuleEngine(

@@ -32,7 +32,7 @@ from typing import Self
 from prometheus_client import Counter
 
 from flux.config import OverflowPolicy
-from flux.errors import FluxError
+from flux.errors import BusClosed
 from flux.events import Event
 from flux.metrics import (
     DEGRADED,
@@ -46,12 +46,6 @@ log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Event]], Awaitable[None]]
 EventFilter = Callable[[Event], bool]
-
-
-class BusClosed(FluxError):
-    """The bus is stopping or stopped and takes no more events."""
-
-    status_code = 503
 
 
 class _Health:
@@ -453,7 +447,7 @@ class EventBus:
                 await asyncio.sleep(0)
 
     def close(self) -> None:
-        """Refuse new events; what is queued still gets delivered until ``stop``."""
+        """Refuse new events; what is queued is still delivered until the bus exits."""
         self._closed = True
 
     async def __aenter__(self) -> Self:
@@ -485,4 +479,4 @@ class EventBus:
         self._health.reset()
 
 
-__all__ = ["BatchHandler", "BusClosed", "EventBus"]
+__all__ = ["BatchHandler", "EventBus"]

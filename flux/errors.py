@@ -1,4 +1,38 @@
-"""One exception tree for the gateway; the API maps these to JSON errors in one place."""
+"""One exception tree for the gateway; the API maps these to JSON errors in one place.
+
+Every error flux raises on purpose is a ``FluxError`` carrying a message, structured
+fields (``rule_id``, ``plugin``, ``line``...) and the HTTP status it answers with. The
+rules' and the plugins' own errors live beside their code::
+
+    FluxError
+    ├── ConfigError                    an invalid file or FLUX_* override (exit code 2)
+    ├── InvalidEvent                   a message that cannot become an event (422)
+    ├── StoreUnavailable               the database is away or refused a write (503)
+    ├── BusClosed                      the event bus is stopping or stopped (503)
+    ├── NotReady                       starting, stopping, not able yet (503)
+    ├── NotFound                       no such resource (404)
+    ├── Conflict                       clashes with the current state (409)
+    ├── Unauthorized                   a configured bearer token missing (401)
+    ├── MqttConnectError               the broker refused or did not answer
+    ├── BrokerStartError               the embedded broker could not start
+    ├── flux.rules.errors.RuleError
+    │   ├── RuleValidationError        a rule file or body is invalid (422)
+    │   ├── RuleCompileError           Lua that does not compile (with its line)
+    │   ├── RuleRuntimeError           Lua that failed on an event
+    │   ├── RuleTimeout                the instruction budget or time limit ran out
+    │   └── RuleMemoryError            the Lua runtime's memory cap was reached
+    └── flux.plugins.errors.PluginError
+        ├── PluginNotFound             no such plugin (404)
+        ├── PluginLoadError            a manifest or module that does not load
+        ├── PluginTrap                 the wasm trapped
+        ├── PluginTimeout              out of fuel or past its epoch deadline
+        ├── PluginLimitExceeded        memory or stack limit
+        ├── PluginOutputError          an output that breaks the ABI
+        ├── PluginRejected             the plugin refused the input (not a fault)
+        ├── PoolExhausted              no instance free in time
+        ├── PluginHopLimit             an event that passed too many hops
+        └── PoolClosed                 a pool replaced by a reload (retried)
+"""
 
 from __future__ import annotations
 
@@ -45,6 +79,12 @@ class StoreUnavailable(FluxError):
     status_code = 503
 
 
+class BusClosed(FluxError):
+    """The bus is stopping or stopped and takes no more events."""
+
+    status_code = 503
+
+
 class NotReady(FluxError):
     """The gateway cannot take this request yet (starting, stopping, or degraded)."""
 
@@ -57,8 +97,18 @@ class NotFound(FluxError):
     status_code = 404
 
 
+class Conflict(FluxError):
+    """The request conflicts with the current state (an id that exists, a file rule)."""
+
+    status_code = 409
+
+
 class MqttConnectError(FluxError):
     """The broker refused or did not answer a connection."""
+
+
+class BrokerStartError(FluxError):
+    """The embedded broker could not be started."""
 
 
 class Unauthorized(FluxError):
@@ -68,7 +118,10 @@ class Unauthorized(FluxError):
 
 
 __all__ = [
+    "BrokerStartError",
+    "BusClosed",
     "ConfigError",
+    "Conflict",
     "FluxError",
     "InvalidEvent",
     "MqttConnectError",

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
-from flux.bus import BusClosed, EventBus
-from flux.errors import StoreUnavailable
+from flux.bus import EventBus
+from flux.errors import BusClosed, StoreUnavailable
 from flux.events import DeadLetter, Event, PublishMessage
 from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
@@ -129,10 +129,6 @@ class Pipeline:
         for unregister in self._unregister:
             unregister()
         self._unregister = []
-
-    def accepts(self, event: Event) -> bool:
-        """Every event goes through the pipeline (rules can match any topic)."""
-        return True
 
     async def handle(self, batch: list[Event]) -> None:
         """Process ``batch`` and what it derives; confirm each event (see ``JointAck``) once

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, Field
 
 from flux.api.gateway import GatewayView, gateway_of
-from flux.errors import FluxError, NotFound
+from flux.errors import Conflict, FluxError, NotFound
 from flux.rules import RuleEngine, parse_rule
 from flux.rules.sources import RuleSources
 
@@ -30,12 +30,6 @@ RuleBody = Annotated[
         ]
     ),
 ]
-
-
-class Conflict(FluxError):
-    """The request conflicts with the current state (an id that exists, a file rule)."""
-
-    status_code = 409
 
 
 class RuleTestRequest(BaseModel):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from flux.config import MqttConfig
-from flux.errors import FluxError
+from flux.errors import BrokerStartError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ EMBEDDED_MAX_QUEUED_MESSAGES = 1_000_000
 #: its Receive Maximum. Its default of 20 lets the gateway's rule publishes have only 20
 #: unconfirmed at a time, one event-loop turn per refill.
 EMBEDDED_MAX_INFLIGHT_MESSAGES = 1_000
-
-
-class BrokerStartError(FluxError):
-    """The embedded broker could not be started."""
 
 
 async def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -174,4 +170,4 @@ class EmbeddedBroker:
         raise BrokerStartError(f"the embedded broker did not listen on {self.host}:{self.port}")
 
 
-__all__ = ["BrokerStartError", "EmbeddedBroker", "broker_answers", "mosquitto_config"]
+__all__ = ["EmbeddedBroker", "broker_answers", "mosquitto_config"]

@@ -101,6 +101,10 @@ class PluginHopLimit(PluginError):
     result = "hop_limit"
 
 
+class PoolClosed(PluginError):
+    """The pool was replaced by a reload or shut down; the manager retries on the new one."""
+
+
 __all__ = [
     "PluginError",
     "PluginHopLimit",
@@ -111,5 +115,6 @@ __all__ = [
     "PluginRejected",
     "PluginTimeout",
     "PluginTrap",
+    "PoolClosed",
     "PoolExhausted",
 ]

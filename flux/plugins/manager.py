@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import orjson
 
+from flux.coalesce import Coalescer
 from flux.events import Event, derive_event, device_id_for, new_event_id
 from flux.plugins.errors import (
     PluginError,
@@ -41,11 +42,12 @@ from flux.plugins.errors import (
     PluginNotFound,
     PluginOutputError,
     PluginRejected,
+    PoolClosed,
     PoolExhausted,
 )
 from flux.plugins.instance import PluginInstance, PluginOutput
 from flux.plugins.manifest import MANIFEST_NAME, PluginManifest, load_manifest
-from flux.plugins.pool import CallResult, InstancePool, PoolClosed, PoolStats
+from flux.plugins.pool import CallResult, InstancePool, PoolStats
 from flux.plugins.runtime import ModuleCache, PluginRuntime, default_cache_dir
 from flux.topics import CACHE_SIZE, topic_matches
 
@@ -153,8 +155,7 @@ class PluginManager:
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
-        self._reload_lock = asyncio.Lock()
-        self._reload_next: asyncio.Future[ReloadReport] | None = None
+        self._reloads: Coalescer[ReloadReport] = Coalescer()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -551,20 +552,7 @@ class PluginManager:
         """
         if self._closed:
             raise RuntimeError("PluginManager is closed")
-        if self._reload_next is not None:
-            return await asyncio.shield(self._reload_next)
-        future: asyncio.Future[ReloadReport] = asyncio.get_running_loop().create_future()
-        self._reload_next = future
-        async with self._reload_lock:
-            self._reload_next = None
-            try:
-                report = await self._reload_now()
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # retrieved: the caller below re-raises it
-                raise
-            future.set_result(report)
-            return report
+        return await self._reloads.run(self._reload_now)
 
     async def _reload_now(self) -> ReloadReport:
         started = time.perf_counter()

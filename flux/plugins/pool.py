@@ -25,15 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flux.plugins import metrics
-from flux.plugins.errors import PluginError, PoolExhausted
+from flux.plugins.errors import PluginError, PoolClosed, PoolExhausted
 from flux.plugins.instance import PluginInstance, PluginOutput, PluginRejection
 from flux.plugins.runtime import PluginRuntime
 
 log = logging.getLogger(__name__)
-
-
-class PoolClosed(PluginError):
-    """The pool was replaced by a reload or shut down; the manager retries on the new one."""
 
 
 @dataclass(slots=True)
@@ -465,4 +461,4 @@ class InstancePool:
         )
 
 
-__all__ = ["CallResult", "InstancePool", "InstanceStats", "PoolClosed", "PoolStats"]
+__all__ = ["CallResult", "InstancePool", "InstanceStats", "PoolStats"]

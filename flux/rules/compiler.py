@@ -188,10 +188,10 @@ class Group:
 
 
 class Ruleset:
-    """An immutable compiled ruleset (the snapshot each batch is evaluated against).
+    """One version of the compiled rules, the snapshot each batch is evaluated against.
 
-    Mutable bits are confined to what evaluation must change: the per-topic plan cache, the
-    Lua masks (a quarantined rule is masked out) and the consecutive-failure counters.
+    Its rules never change; evaluation changes only the per-topic plan cache, the Lua masks
+    (a quarantined rule is masked out) and the consecutive-failure counters.
     """
 
     def __init__(

@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 import orjson
 
+from flux.coalesce import Coalescer
 from flux.events import Event, device_id_for, new_event_id
 from flux.rules import metrics
 from flux.rules.compiler import (
@@ -229,8 +230,7 @@ class RuleEngine:
         self._version = 0
         self._entered = False
         self._closed = False
-        self._reload_lock = asyncio.Lock()
-        self._queued: asyncio.Future[ReloadReport] | None = None
+        self._reloads: Coalescer[ReloadReport] = Coalescer()
         self._pending_source: RuleSource | None = None
         self._load_errors: dict[str, RuleError] = {}
         self._disabled: dict[str, Rule] = {}
@@ -253,10 +253,7 @@ class RuleEngine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        queued = self._queued
-        if queued is not None and not queued.done():
-            await asyncio.gather(queued, return_exceptions=True)
-        async with self._reload_lock:
+        async with self._reloads.exclusive():
             self._closed = True
             self._ruleset = None
             self._cache = None
@@ -342,73 +339,63 @@ class RuleEngine:
         """
         self._require()
         self._pending_source = rules
-        if self._queued is None:
-            task = asyncio.ensure_future(self._run_reload())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._queued = task
-        return await asyncio.shield(self._queued)
+        return await self._reloads.run(self._run_reload)
 
     async def _run_reload(self) -> ReloadReport:
-        async with self._reload_lock:
-            self._queued = None
-            source, self._pending_source = self._pending_source, None
-            started = time.perf_counter()
-            try:
-                if source is None:
-                    rules: list[Rule] = []
-                elif callable(source):
-                    rules = list(await source())
-                else:
-                    rules = list(source)
-                known = (
-                    self._known_plugins() if callable(self._known_plugins) else self._known_plugins
-                )
-                prepared = await self._call(self._prepare, rules, set(known))
-            except Exception:
-                metrics.RULES_RELOAD.labels(result="failed").inc()
-                raise
-            compiled, disabled, errors, fresh, reused = prepared
-            quarantined = {
-                c.rule.id
-                for c in compiled
-                if self._quarantined.get(c.rule.id) == c.rule.compile_key
-            }
-            try:
-                ruleset = await self._call(self._build, compiled, self._version + 1, quarantined)
-            except Exception:
-                metrics.RULES_RELOAD.labels(result="failed").inc()
-                raise
-            # The swap: from here on new batches see the new ruleset.
-            self._version = ruleset.version
-            self._ruleset = ruleset
-            self._after_swap(ruleset, compiled, disabled, errors)
-            await self._call(self._cleanup, ruleset, compiled, disabled)
-            result: Literal["ok", "partial", "failed"] = "ok"
-            if errors:
-                result = "partial" if compiled or disabled else "failed"
-            metrics.RULES_RELOAD.labels(result=result).inc()
-            report = ReloadReport(
-                version=ruleset.version,
-                result=result,
-                active=len(compiled) - len(ruleset.quarantined),
-                disabled=len(disabled),
-                quarantined=len(ruleset.quarantined),
-                compiled=fresh,
-                reused=reused,
-                errors=tuple(errors),
-                duration_s=time.perf_counter() - started,
-            )
-            log.info(
-                "rules reloaded: version %d, %d active, %d disabled, %d quarantined, %d errors",
-                report.version,
-                report.active,
-                report.disabled,
-                report.quarantined,
-                len(errors),
-            )
-            for error in errors:
-                log.warning("rule not loaded: %s", error)
-            return report
+        source, self._pending_source = self._pending_source, None
+        started = time.perf_counter()
+        try:
+            if source is None:
+                rules: list[Rule] = []
+            elif callable(source):
+                rules = list(await source())
+            else:
+                rules = list(source)
+            known = self._known_plugins() if callable(self._known_plugins) else self._known_plugins
+            prepared = await self._call(self._prepare, rules, set(known))
+        except Exception:
+            metrics.RULES_RELOAD.labels(result="failed").inc()
+            raise
+        compiled, disabled, errors, fresh, reused = prepared
+        quarantined = {
+            c.rule.id for c in compiled if self._quarantined.get(c.rule.id) == c.rule.compile_key
+        }
+        try:
+            ruleset = await self._call(self._build, compiled, self._version + 1, quarantined)
+        except Exception:
+            metrics.RULES_RELOAD.labels(result="failed").inc()
+            raise
+        # The swap: from here on new batches see the new ruleset.
+        self._version = ruleset.version
+        self._ruleset = ruleset
+        self._after_swap(ruleset, compiled, disabled, errors)
+        await self._call(self._cleanup, ruleset, compiled, disabled)
+        result: Literal["ok", "partial", "failed"] = "ok"
+        if errors:
+            result = "partial" if compiled or disabled else "failed"
+        metrics.RULES_RELOAD.labels(result=result).inc()
+        report = ReloadReport(
+            version=ruleset.version,
+            result=result,
+            active=len(compiled) - len(ruleset.quarantined),
+            disabled=len(disabled),
+            quarantined=len(ruleset.quarantined),
+            compiled=fresh,
+            reused=reused,
+            errors=tuple(errors),
+            duration_s=time.perf_counter() - started,
+        )
+        log.info(
+            "rules reloaded: version %d, %d active, %d disabled, %d quarantined, %d errors",
+            report.version,
+            report.active,
+            report.disabled,
+            report.quarantined,
+            len(errors),
+        )
+        for error in errors:
+            log.warning("rule not loaded: %s", error)
+        return report
 
     def _prepare(
         self, rules: Sequence[Rule], known: set[str]

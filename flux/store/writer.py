@@ -145,7 +145,6 @@ class StoreWriter:
         self.available = True
         self.dead_letter_backlog = False
         self.last_error = ""
-        self.on_availability: Callable[[bool], None] | None = None
 
     async def __aenter__(self) -> Self:
         if self._dead_letter_task is not None:
@@ -439,8 +438,6 @@ class StoreWriter:
             return
         self.available = available
         DEGRADED.labels(reason="database_unavailable").set(0 if available else 1)
-        if self.on_availability is not None:
-            self.on_availability(available)
 
     @property
     def dead_letters_queued(self) -> int:

@@ -97,8 +97,14 @@ async def test_concurrent_reloads_are_coalesced(plugins_dir: Path, cache_dir: Pa
 
         manager._reload_now = counting  # type: ignore[method-assign]
         reports = await asyncio.gather(*(manager.reload() for _ in range(5)))
-        assert runs == 2  # the one running, plus one for everything that asked meanwhile
-        assert reports[1] is reports[4]
+        assert runs == 1  # asked together, before any reload started: one reload for all
+        assert all(report is reports[0] for report in reports)
+        running = asyncio.create_task(manager.reload())
+        await asyncio.sleep(0)  # that reload is under way
+        later = await asyncio.gather(*(manager.reload() for _ in range(4)))
+        await running
+        assert runs == 3  # the one running, plus one for everything that asked meanwhile
+        assert all(report is later[0] for report in later)
 
 
 def _cache_layout(cache_dir: Path) -> tuple[int, int, int]:

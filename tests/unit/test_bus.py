@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from flux.bus import BusClosed, EventBus
+from flux.bus import EventBus
+from flux.errors import BusClosed
 from flux.events import Event, make_event
 from flux.metrics import DEGRADED, EVENTBUS_DROPPED, SUBSCRIBER_ERRORS
 from tests.support import wait_until

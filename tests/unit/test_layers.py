@@ -104,3 +104,18 @@ def test_gmqtt_is_used_through_its_adapter_only() -> None:
         if any(name == "gmqtt" or name.startswith("gmqtt.") for name in imported_modules(path))
     }
     assert users == {"ingest/_gmqtt.py"}
+
+
+def test_every_exception_class_lives_in_an_errors_module() -> None:
+    """One tree (drawn in flux/errors.py): no exception class defined beside other code."""
+    errors_modules = {"errors.py", "rules/errors.py", "plugins/errors.py"}
+    elsewhere = []
+    for path in FLUX.rglob("*.py"):
+        if str(path.relative_to(FLUX)) in errors_modules:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = {getattr(base, "id", getattr(base, "attr", "")) for base in node.bases}
+                if any(base.endswith(("Error", "Exception")) for base in bases):
+                    elsewhere.append(f"{path.relative_to(FLUX)}: {node.name}")
+    assert elsewhere == []
