@@ -1,48 +1,41 @@
-"""Wire the stages together and own start-up and staged shutdown.
+"""Compose the gateway and own its start-up and staged shutdown.
 
-Start: migrate, open the database, subscribe the store, load plugins and rules and
-subscribe the pipeline that runs them (with the webhook outbox), start the bus, make sure
-a broker answers (starting the embedded one if allowed), connect MQTT, serve HTTP.
-Stop, each stage with its own timeout: stop intake (MQTT and HTTP), drain the bus so every
-queued event is committed and acknowledged, let the last PUBACKs go out, then close the
-MQTT connection, the bus, the store and the HTTP server.
+``Gateway`` builds every stage from its config section and enters them in order: the
+database (migrated) and the store writer, plugins, rules, the webhook outbox, the bus with
+its two subscribers (store and pipeline), the broker (the embedded one if needed), the
+publishing session and MQTT ingest. ``serve`` adds the HTTP API and the metrics endpoint
+around a gateway; ``run`` is ``flux run``.
+
+Shutdown goes in named stages, each bounded by its ``[shutdown]`` timeout: intake stops
+(MQTT and HTTP), the bus drains so every queued event is committed and acknowledged, the
+last PUBACKs leave, then every stage closes in reverse order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import logging
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any, Self
 
-import uvicorn
-from prometheus_client import start_http_server
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from flux.api import create_api
+from flux.api.server import HttpServer, MetricsServer
 from flux.bus import EventBus
 from flux.config import Settings
-from flux.events import DeadLetter, Event, PublishMessage
-from flux.ingest._gmqtt import MQTTv50, MQTTv311
-from flux.ingest.broker import EmbeddedBroker, broker_answers
+from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import MqttIngest
 from flux.ingest.publisher import MqttPublisher
 from flux.metrics import DEGRADED
-from flux.pipeline import (
-    PIPELINE_SUBSCRIBER,
-    STORE_SUBSCRIBER,
-    JointAck,
-    Pipeline,
-    retry_through_outages,
-)
+from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
 from flux.plugins import PluginManager
-from flux.rules import ActionExecutor, RuleEngine
+from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
@@ -52,8 +45,10 @@ from flux.webhooks import WebhookOutbox
 log = logging.getLogger(__name__)
 
 #: How long a partial pipeline batch waits to fill: one Lua call per batch amortizes the
-#: crossing and the hook set-up (README, Benchmarks: 10 rules, cpu 8.5 s -> 6.8-7.6 s).
+#: crossing into Lua and the hook set-up.
 PIPELINE_WAIT_S = 0.005
+#: Events per pipeline batch.
+PIPELINE_BATCH = 256
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD = 50_000
 #: How long a thread may keep the GIL while another waits (CPython's default is 5 ms): the
@@ -61,180 +56,198 @@ GC_THRESHOLD = 50_000
 #: each time had to wait up to this long for the busy event loop to let go.
 SWITCH_INTERVAL_S = 0.0005
 
-
 #: Degraded reasons that make the gateway not ready (/ready answers 503).
 NOT_READY = frozenset({"not_accepting", "database_unavailable", "mqtt_disconnected"})
+
+
+class GatewayState(enum.Enum):
+    """Where a gateway is in its life; it accepts events only while ``RUNNING``."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class Gateway:
     """The running gateway: ``async with Gateway(settings=...) as gw: await gw.wait_stopped()``."""
 
-    def __init__(self, *, settings: Settings, serve_http: bool = True) -> None:
+    def __init__(self, *, settings: Settings) -> None:
         self.settings = settings
-        self._serve_http = serve_http
-        self._stack: AsyncExitStack | None = None
+        self._state = GatewayState.CREATED
+        self._stack = AsyncExitStack()
         self._stop_requested = asyncio.Event()
-        self._accepting = False
-        self.stopping = False
-        self.engine: AsyncEngine | None = None
-        self.bus = EventBus(
-            capacity=settings.eventbus.capacity, overflow=settings.eventbus.overflow
+        DEGRADED.labels(reason="not_accepting").set(1)
+        self.engine = create_engine(settings.database)
+        self.writer = StoreWriter.from_config(settings.database, engine=self.engine)
+        self.bus = EventBus.from_config(settings.eventbus)
+        self.plugins = PluginManager.from_config(settings.plugins)
+        rules = settings.rules
+        self.rules = RuleEngine(
+            quarantine_after=rules.quarantine_after,
+            instruction_budget=rules.instruction_budget,
+            memory_limit=rules.memory_limit_mb * 1024 * 1024,
+            time_limit_s=rules.time_limit_s,
+            known_plugins=self.plugins.names,
         )
-        self.writer: StoreWriter | None = None
-        self.mqtt: MqttIngest | None = None
-        self.publisher: MqttPublisher | None = None
-        self.broker: EmbeddedBroker | None = None
-        self.plugins: PluginManager | None = None
-        self.rules: RuleEngine | None = None
-        self.rule_sources: RuleSources | None = None
-        self.actions: ActionExecutor | None = None
-        self.pipeline: Pipeline | None = None
-        self.outbox: WebhookOutbox | None = None
-        self._http: uvicorn.Server | None = None
-        self._http_task: asyncio.Task[None] | None = None
-        self._metrics_server: Any = None
+        self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
+        self.outbox = WebhookOutbox.from_config(
+            settings.webhooks,
+            engine=self.engine,
+            shutdown_timeout_s=settings.shutdown.close_timeout_s,
+        )
+        self.broker = MqttBroker(settings.mqtt)
+        self.publisher = MqttPublisher(config=settings.mqtt, broker=self.broker)
+        self.pipeline = Pipeline(
+            bus=self.bus,
+            plugins=self.plugins,
+            rules=self.rules,
+            add_alerts=self.writer.add_alerts,
+            dead_letter=self.writer.add_dead_letter,
+            publish=self.publisher.publish,
+            queue_webhook=self.outbox.handler,
+            max_hops=max(rules.max_hops, settings.plugins.max_hops),
+            retry_max_delay_s=settings.database.retry_max_delay_s,
+        )
+        self.mqtt = MqttIngest(
+            config=settings.mqtt,
+            broker=self.broker,
+            deliver=self.bus.deliver,
+            try_deliver=self.bus.try_deliver,
+            dead_letter=self.writer.add_dead_letter,
+            binary_topic=self.plugins.wants_raw,
+            receive_maximum=settings.mqtt.receive_maximum or 2 * settings.database.batch_size,
+            max_pending=settings.eventbus.capacity,
+        )
+
+    @property
+    def state(self) -> GatewayState:
+        return self._state
 
     @property
     def accepting(self) -> bool:
-        """Whether intake is open (false while starting and stopping)."""
-        return self._accepting
+        """Whether intake is open: the gateway takes events only while running."""
+        return self._state is GatewayState.RUNNING
 
-    @accepting.setter
-    def accepting(self, value: bool) -> None:
-        self._accepting = value
-        DEGRADED.labels(reason="not_accepting").set(0 if value else 1)
+    def _set_state(self, state: GatewayState) -> None:
+        self._state = state
+        DEGRADED.labels(reason="not_accepting").set(0 if state is GatewayState.RUNNING else 1)
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- start-up -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._stack is not None:
-            raise RuntimeError("the gateway is already running")
-        self._stack = AsyncExitStack()
+        if self._state is not GatewayState.CREATED:
+            raise RuntimeError(f"a gateway starts once; this one is {self._state.value}")
+        self._set_state(GatewayState.STARTING)
         try:
             await self._start()
         except BaseException:
-            await self._shutdown()
+            await self._stop()
             raise
+        self._set_state(GatewayState.RUNNING)
+        log.info("flux is running")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._shutdown()
+        await self._stop()
 
     async def _start(self) -> None:
-        assert self._stack is not None
         settings = self.settings
         await upgrade_async(settings.database)
-        self.engine = create_engine(settings.database)
-        self.writer = await self._stack.enter_async_context(
-            StoreWriter(
-                engine=self.engine,
-                retry_max_delay_s=settings.database.retry_max_delay_s,
-                sqlite_synchronous=settings.database.sqlite_synchronous,
-            )
-        )
+        self._stack.push_async_callback(self.engine.dispose)
+        await self._enter("store", self.writer)
         self.bus.subscribe(
             STORE_SUBSCRIBER,
             self.writer.store_batch,
             overflow=settings.eventbus.overflow_for("store"),
             max_batch=settings.database.batch_size,
             max_wait_s=settings.database.flush_interval_ms / 1000,
+            acknowledges=True,
         )
-        await self._start_processing()
-        await self.bus.__aenter__()
-        await self._ensure_broker()
-        receive_maximum = settings.mqtt.receive_maximum or 2 * settings.database.batch_size
-        # amqtt speaks MQTT 3.1.1 only and does not answer a v5 CONNECT.
-        protocol = MQTTv311 if self.broker and self.broker.kind == "amqtt" else MQTTv50
-        self.publisher = MqttPublisher(
-            config=settings.mqtt,
-            client_id=f"{settings.mqtt.client_id}-pub",
-            protocol_version=protocol,
-        )
-        await self.publisher.__aenter__()
-        self.mqtt = MqttIngest(
-            config=settings.mqtt,
-            publish=self.publish,
-            try_publish=self.try_publish,
-            binary_topic=self.plugins.wants_raw if self.plugins else None,
-            dead_letter=self.dead_letter,
-            receive_maximum=receive_maximum,
-            max_pending=settings.eventbus.capacity,
-            protocol_version=protocol,
-        )
-        await self.mqtt.__aenter__()
-        self.accepting = True
-        if self._serve_http:
-            await self._start_http()
-        log.info("flux is running")
-
-    async def _start_processing(self) -> None:
-        """Load plugins and rules, and subscribe the pipeline that runs them."""
-        assert self._stack is not None and self.engine is not None and self.writer is not None
-        settings = self.settings
-        self.plugins = await self._stack.enter_async_context(
-            PluginManager(
-                plugins_dir=Path(settings.plugins.dir),
-                cache_dir=Path(settings.plugins.cache_dir) if settings.plugins.cache_dir else None,
-                default_pool_size=settings.plugins.pool_size,
-                max_hops=settings.plugins.max_hops,
-            )
-        )
-        rules = settings.rules
-        self.rules = await self._stack.enter_async_context(
-            RuleEngine(
-                quarantine_after=rules.quarantine_after,
-                instruction_budget=rules.instruction_budget,
-                memory_limit=rules.memory_limit_mb * 1024 * 1024,
-                time_limit_s=rules.time_limit_s,
-                known_plugins=self.plugins.names,
-            )
-        )
-        self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
+        await self._enter("plugins", self.plugins)
+        await self._enter("rules", self.rules)
         await self.reload_rules()
-        self.actions = ActionExecutor(max_hops=rules.max_hops)
-        hooks = settings.webhooks
-        self.outbox = await self._stack.enter_async_context(
-            WebhookOutbox(
-                engine=self.engine,
-                max_attempts=hooks.max_attempts,
-                base_delay_s=hooks.base_delay_s,
-                max_delay_s=hooks.max_delay_s,
-                concurrency=hooks.concurrency,
-                poll_interval_s=hooks.poll_interval_s,
-                shutdown_timeout_s=settings.shutdown.close_timeout_s,
-            )
-        )
-        self.actions.register(
-            "webhook",
-            retry_through_outages(
-                self.outbox.handler, max_delay_s=settings.database.retry_max_delay_s
-            ),
-        )
-        self.pipeline = Pipeline(
-            bus=self.bus,
-            plugins=self.plugins,
-            rules=self.rules,
-            actions=self.actions,
-            add_alerts=self.writer.add_alerts,
-            dead_letter=self.dead_letter,
-            publish=self._publish_mqtt,
-            max_hops=max(rules.max_hops, settings.plugins.max_hops),
-        )
-        self._stack.callback(self.pipeline.close)
+        await self._enter("webhook outbox", self.outbox)
         self.bus.subscribe(
             PIPELINE_SUBSCRIBER,
             self.pipeline.handle,
             overflow=settings.eventbus.overflow_for("pipeline"),
-            max_batch=256,
+            max_batch=PIPELINE_BATCH,
             max_wait_s=PIPELINE_WAIT_S,
+            acknowledges=True,
         )
+        await self._enter("bus", self.bus)
+        await self._enter("broker", self.broker)
+        await self._enter("publisher", self.publisher)
+        await self._enter("mqtt ingest", self.mqtt)
+
+    async def _enter(self, name: str, stage: AbstractAsyncContextManager[Any]) -> None:
+        """Start ``stage`` and put its close on the exit stack, bounded and named."""
+        await stage.__aenter__()
+        timeout = self.settings.shutdown.close_timeout_s
+
+        async def close() -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await stage.__aexit__(None, None, None)
+            except TimeoutError:
+                log.warning(
+                    "shutdown stage 'close': %s did not close within %gs; still running: %s",
+                    name,
+                    timeout,
+                    _running_tasks(),
+                )
+
+        self._stack.push_async_callback(close)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the gateway to stop (signal handlers call this)."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``request_stop`` was called."""
+        await self._stop_requested.wait()
+
+    def stop_intake(self) -> None:
+        """Stop taking events (stage 'intake'): MQTT messages stay unacknowledged and are
+        redelivered later, HTTP ingest answers 503."""
+        if self._state in (GatewayState.STOPPING, GatewayState.STOPPED):
+            return
+        self._set_state(GatewayState.STOPPING)
+        self.mqtt.stop_intake()
+        log.info("shutdown stage 'intake': intake stopped")
+
+    async def _stop(self) -> None:
+        if self._state is GatewayState.STOPPED:
+            return
+        self.stop_intake()
+        timeouts = self.settings.shutdown
+        await _stage(
+            "drain",
+            timeouts.drain_timeout_s,
+            self.bus.drain,
+            lambda: f"events still queued per subscriber: {self.bus.depth()}",
+        )
+        await _stage(
+            "acknowledge",
+            timeouts.intake_timeout_s,
+            self.mqtt.wait_idle,
+            lambda: f"{self.mqtt.pending} MQTT messages unacknowledged; the broker redelivers them",
+        )
+        await self._stack.aclose()
+        self._set_state(GatewayState.STOPPED)
+        log.info("flux stopped")
+
+    # -- what the API and operators see -----------------------------------------------------
 
     async def reload_rules(self) -> dict[str, Any]:
         """Re-read rules from files and the database and swap them in; return the report.
 
         Concurrent calls coalesce (the engine runs one more reload, not one per call).
         """
-        assert self.rules is not None and self.rule_sources is not None
         report = await self.rules.reload(self.rule_sources.load)
         result = report.to_dict()
         file_errors = [error.to_dict() for error in self.rule_sources.load_errors]
@@ -243,148 +256,12 @@ class Gateway:
             result["result"] = "partial"
         return result
 
-    async def _publish_mqtt(self, message: PublishMessage, confirm: Callable[[], None]) -> None:
-        if self.publisher is None:
-            raise RuntimeError("MQTT is not running; message not published")
-        await self.publisher.publish(message, confirm=confirm)
-
-    async def publish(self, event: Event) -> None:
-        """Put an ingested event on the bus.
-
-        An event a sender waits on is acknowledged only when the store committed it and the
-        pipeline committed everything it caused (see ``flux.pipeline``).
-        """
-        if event.needs_ack and self.pipeline is not None:
-            event.ack = JointAck(event.ack, 2)
-        await self.bus.publish(event)
-
-    def try_publish(self, event: Event) -> bool:
-        """``publish`` without waiting: False (and the event untouched) when the bus is full."""
-        ack = event.ack
-        if event.needs_ack and self.pipeline is not None:
-            event.ack = JointAck(ack, 2)
-        if self.bus.try_publish(event):
-            return True
-        event.ack = ack
-        return False
-
-    async def _ensure_broker(self) -> None:
-        mqtt = self.settings.mqtt
-        if await broker_answers(mqtt.host, mqtt.port):
-            return
-        if mqtt.embedded == "off":
-            log.warning(
-                "no MQTT broker answers at %s:%d; embedded broker is off", mqtt.host, mqtt.port
-            )
-            return
-        if mqtt.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning(
-                "no MQTT broker answers at %s; the embedded broker only runs on loopback", mqtt.host
-            )
-            return
-        assert self._stack is not None
-        self.broker = await self._stack.enter_async_context(EmbeddedBroker.choose(mqtt))
-
-    async def _start_http(self) -> None:
-        server_config = self.settings.server
-        config = uvicorn.Config(
-            create_api(self),
-            host=server_config.host,
-            port=server_config.port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-        )
-        self._http = uvicorn.Server(config)
-        self._http_task = asyncio.create_task(self._http.serve(), name="http")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()
-                raise RuntimeError("the HTTP server stopped during start-up")
-            if loop.time() > deadline:
-                raise RuntimeError("the HTTP server did not start within 10 s")
-            await asyncio.sleep(0.01)
-        metrics = self.settings.metrics
-        if metrics.port:
-            self._metrics_server = start_http_server(metrics.port, addr=metrics.host)
-
-    @property
-    def http_port(self) -> int:
-        """The port the HTTP API listens on (useful when configured as 0)."""
-        if self._http is None or not self._http.servers:
-            raise RuntimeError("the HTTP server is not running")
-        socket = self._http.servers[0].sockets[0]
-        return int(socket.getsockname()[1])
-
-    def request_stop(self) -> None:
-        """Ask the gateway to stop (signal handlers call this)."""
-        self._stop_requested.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stop_requested.wait()
-
-    async def _shutdown(self) -> None:
-        if self._stack is None:
-            return
-        self.stopping = True
-        self.accepting = False
-        timeouts = self.settings.shutdown
-        if self.mqtt is not None:
-            self.mqtt.stop_intake()
-        drained = await self.bus.drain(timeouts.drain_timeout_s)
-        if not drained:
-            log.warning("bus not drained at shutdown; still queued: %s", self.bus.depth())
-        if self.mqtt is not None:
-            if not await self.mqtt.wait_idle(timeouts.intake_timeout_s):
-                log.warning(
-                    "%d MQTT messages unacknowledged at shutdown; the broker redelivers them",
-                    self.mqtt.pending,
-                )
-            await self.mqtt.stop()
-            self.mqtt = None
-        if self.publisher is not None:
-            await self.publisher.__aexit__(None, None, None)
-            self.publisher = None
-        await self.bus.__aexit__(None, None, None)
-        if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            try:
-                await asyncio.wait_for(self._http_task, timeouts.close_timeout_s)
-            except (TimeoutError, Exception) as exc:
-                log.warning("HTTP server did not stop cleanly: %s", exc)
-            self._http = None
-        if self._metrics_server is not None:
-            server, _thread = self._metrics_server
-            server.shutdown()
-            server.server_close()
-            self._metrics_server = None
-        stack, self._stack = self._stack, None
-        await stack.aclose()
-        if self.engine is not None:
-            await self.engine.dispose()
-            self.engine = None
-        log.info("flux stopped")
-
-    # -- intake ---------------------------------------------------------------------------
-
-    async def dead_letter(self, letter: DeadLetter) -> None:
-        """Store a message that cannot become an event; acknowledged after commit."""
-        assert self.writer is not None
-        await self.writer.add_dead_letter(letter)
-
-    async def ingest(self, events: list[Event]) -> None:
-        """Publish events from the HTTP API in order."""
-        for event in events:
-            await self.publish(event)
-
     def readiness(self) -> dict[str, bool]:
         """Return each condition /ready checks; all must hold for the gateway to be ready."""
         return {
             "accepting": self.accepting,
-            "database": self.writer is not None and self.writer.available,
-            "mqtt": self.mqtt is not None and self.mqtt.connected,
+            "database": self.writer.available,
+            "mqtt": self.mqtt.connected,
         }
 
     def degraded(self) -> dict[str, str]:
@@ -397,16 +274,59 @@ class Gateway:
         """
         reasons: dict[str, str] = {}
         if not self.accepting:
-            reasons["not_accepting"] = "stopping" if self.stopping else "starting"
-        writer = self.writer
-        if writer is None or not writer.available:
-            reasons["database_unavailable"] = writer.last_error if writer else "not started"
-        if self.mqtt is None or not self.mqtt.connected:
+            stopping = self._state in (GatewayState.STOPPING, GatewayState.STOPPED)
+            reasons["not_accepting"] = "stopping" if stopping else "starting"
+        if not self.writer.available:
+            reasons["database_unavailable"] = self.writer.last_error
+        if not self.mqtt.connected:
             reasons["mqtt_disconnected"] = self.settings.mqtt.url
         reasons.update(self.bus.degraded())
-        if writer is not None and writer.dead_letter_backlog:
-            reasons["dead_letter_backlog"] = f"{writer.dead_letters_queued} dead letters queued"
+        if self.writer.dead_letter_backlog:
+            queued = self.writer.dead_letters_queued
+            reasons["dead_letter_backlog"] = f"{queued} dead letters queued"
         return reasons
+
+
+async def _stage(
+    name: str,
+    timeout: float,
+    work: Callable[[float], Awaitable[bool]],
+    still_running: Callable[[], str],
+) -> None:
+    """Run one shutdown stage (``work`` returns False on timeout) and log what it left."""
+    if not await work(timeout):
+        log.warning(
+            "shutdown stage '%s' timed out after %gs; %s", name, timeout, still_running()
+        )
+
+
+def _running_tasks() -> str:
+    """The names of the asyncio tasks still running, but the caller's."""
+    current = asyncio.current_task()
+    names = sorted(t.get_name() for t in asyncio.all_tasks() if t is not current and not t.done())
+    return ", ".join(names) or "no tasks"
+
+
+@contextlib.asynccontextmanager
+async def serve(gateway: Gateway) -> AsyncIterator[HttpServer]:
+    """Start ``gateway``, then its HTTP API and metrics endpoint; yield the HTTP server.
+
+    On exit intake stops first (HTTP ingest answers 503 from then on), then the HTTP server
+    closes once its in-flight requests are answered, then the gateway stops in stages.
+    """
+    settings = gateway.settings
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(gateway)
+        http = await stack.enter_async_context(
+            HttpServer(
+                app=create_api(gateway),
+                config=settings.server,
+                close_timeout_s=settings.shutdown.close_timeout_s,
+            )
+        )
+        await stack.enter_async_context(MetricsServer(settings.metrics))
+        stack.callback(gateway.stop_intake)
+        yield http
 
 
 def tune_interpreter() -> None:
@@ -428,8 +348,8 @@ def tune_interpreter() -> None:
 async def run(settings: Settings) -> None:
     """Run the gateway until SIGINT or SIGTERM, then stop in stages."""
     loop = asyncio.get_running_loop()
-    # Migrations first, in a child process: Alembic would stay loaded (~11 MiB) for the
-    # gateway's lifetime; the gateway's own check then finds the database at head.
+    # Migrations first, in a child process: Alembic would stay loaded for the gateway's
+    # lifetime; the gateway's own check then finds the database at head.
     await upgrade_async(settings.database, in_child=True)
     gateway = Gateway(settings=settings)
     # Handlers before start-up: a signal arriving while the gateway starts (/ready may
@@ -437,10 +357,10 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, gateway.request_stop)
-    async with gateway:
+    async with serve(gateway):
         tune_interpreter()
         await gateway.wait_stopped()
         log.info("stopping: intake off, draining the bus")
 
 
-__all__ = ["NOT_READY", "Gateway", "run"]
+__all__ = ["NOT_READY", "Gateway", "GatewayState", "run", "serve"]

@@ -1,19 +1,26 @@
 """The in-process event bus: bounded per-subscriber queues delivering ordered batches.
 
+Ingest hands every event over with ``deliver``; each subscriber that takes it gets it in its
+own queue, and the bus joins their confirmations: the sender's acknowledgement (a PUBACK,
+an HTTP answer) runs only once every one of them has confirmed the event. A subscriber that
+``acknowledges`` calls ``event.ack()`` itself when it is done (the store after commit, the
+pipeline once what the event caused is committed); for any other the bus confirms each
+batch when its handler returns.
+
 Each subscriber owns a queue of at most ``capacity`` events and a task that hands it
 batches. When a queue is full the subscriber's overflow policy decides: ``block`` makes
-the publisher wait (back-pressure reaches the MQTT socket through Receive Maximum and the
+the sender wait (back-pressure reaches the MQTT socket through Receive Maximum and the
 HTTP caller), ``drop_oldest`` / ``drop_newest`` drop and count. Events a sender waits on
 (MQTT QoS 1, HTTP) are never dropped, whether queued or arriving: ``drop_oldest`` evicts
 the oldest queued event nobody waits on (and the arriving one takes its place, whatever it
 is), else drops the arriving one if nobody waits on it; an arriving event someone waits on
 that finds nothing to evict waits as under ``block``.
-Blocked publishers are served strictly first-come first-served, and a publisher that has
-to wait holds the bus's ordering lock until it has reached every subscriber, so no later
-event overtakes it anywhere: each subscriber sees events in publish order.
+Blocked senders are served strictly first-come first-served, and a sender that has to
+wait holds the bus's ordering lock until it has reached every subscriber, so no later
+event overtakes it anywhere: each subscriber sees events in delivery order.
 
 The bus reports two ``flux_degraded`` reasons, changed on state transitions only (the
-publishing fast path does no extra work): ``bus_backlog`` while some subscriber's queue
+delivery fast path does no extra work): ``bus_backlog`` while some subscriber's queue
 holds more than ``high_water`` of its capacity (cleared once it is below ``low_water``),
 and ``dropping`` while a drop policy dropped an event within the last ``dropping_window_s``.
 """
@@ -31,7 +38,7 @@ from typing import Self
 
 from prometheus_client import Counter
 
-from flux.config import OverflowPolicy
+from flux.config import EventBusConfig, OverflowPolicy
 from flux.errors import BusClosed
 from flux.events import Event
 from flux.metrics import (
@@ -46,6 +53,21 @@ log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Event]], Awaitable[None]]
 EventFilter = Callable[[Event], bool]
+
+
+class JointAck:
+    """Call ``ack`` once every one of ``parts`` confirmations has arrived."""
+
+    __slots__ = ("_ack", "_remaining")
+
+    def __init__(self, ack: Callable[[], None], parts: int) -> None:
+        self._ack = ack
+        self._remaining = parts
+
+    def __call__(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._ack()
 
 
 class _Health:
@@ -122,7 +144,7 @@ class _Health:
 
 
 class _Subscription:
-    """One subscriber: its queue, its blocked publishers and the task that feeds it."""
+    """One subscriber: its queue, its blocked senders and the task that feeds it."""
 
     def __init__(
         self,
@@ -134,6 +156,7 @@ class _Subscription:
         max_batch: int,
         max_wait_s: float,
         accepts: EventFilter | None,
+        acknowledges: bool,
         health: _Health,
         high_water: float,
         low_water: float,
@@ -145,6 +168,7 @@ class _Subscription:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.accepts = accepts
+        self.acknowledges = acknowledges
         self.queue: deque[Event] = deque()
         self.blocked: deque[tuple[Event, asyncio.Future[None]]] = deque()
         self.wakeup = asyncio.Event()
@@ -231,7 +255,7 @@ class _Subscription:
         self.health.dropped(self.name)
 
     def _admit_blocked(self) -> None:
-        """Move blocked publishers' events into the queue, oldest first, while there is room."""
+        """Move blocked senders' events into the queue, oldest first, while there is room."""
         while self.blocked and len(self.queue) < self.capacity:
             event, waiter = self.blocked.popleft()
             self.queue.append(event)
@@ -275,10 +299,15 @@ class _Subscription:
             except Exception:
                 SUBSCRIBER_ERRORS.labels(subscriber=self.name).inc()
                 log.exception("subscriber %s failed on a batch of %d events", self.name, len(batch))
+            if not self.acknowledges:
+                # Confirmed as handled, failed or not: one bad batch must not hold the
+                # senders' acknowledgements (and the MQTT receive window) forever.
+                for event in batch:
+                    event.ack()
 
 
 class EventBus:
-    """Publish/subscribe inside the process with bounded, ordered, batched delivery."""
+    """Deliver events to subscribers inside the process: bounded, ordered, batched."""
 
     def __init__(
         self,
@@ -297,15 +326,20 @@ class EventBus:
         self._low_water = low_water
         self._health = _Health(window_s=dropping_window_s)
         self._subscriptions: list[_Subscription] = []
-        # Held by a publisher that had to wait for a full queue; later publishers queue on it.
+        # Held by a sender that had to wait for a full queue; later senders queue on it.
         self._ordered = asyncio.Lock()
-        self._slow_publishers = 0  # publishers holding or waiting for ``_ordered``
+        self._slow_senders = 0  # senders holding or waiting for ``_ordered``
         # Resolved once: looking a labelled child up costs more than the increment itself.
-        self._published = {
+        self._delivered = {
             source: EVENTS_PUBLISHED.labels(source=source) for source in ("mqtt", "http", "derived")
         }
         self._running = False
         self._closed = False
+
+    @classmethod
+    def from_config(cls, config: EventBusConfig) -> EventBus:
+        """A bus with the configured capacity and default overflow policy."""
+        return cls(capacity=config.capacity, overflow=config.overflow)
 
     @property
     def capacity(self) -> int:
@@ -320,11 +354,15 @@ class EventBus:
         max_batch: int = 256,
         max_wait_s: float = 0.0,
         accepts: EventFilter | None = None,
+        acknowledges: bool = False,
     ) -> Callable[[], None]:
         """Register ``handler`` for batches of events; return a callable that unsubscribes.
 
         ``max_wait_s`` lets a batch wait that long for ``max_batch`` events before it goes
         out partly filled (the store's flush interval); ``accepts`` filters events.
+        ``acknowledges``: the handler calls ``event.ack()`` itself once it is done with each
+        event (the store after commit); otherwise the bus confirms the batch for it when the
+        handler returns. Either way the sender's acknowledgement waits for every subscriber.
         """
         if any(sub.name == name for sub in self._subscriptions):
             raise ValueError(f"a subscriber named {name!r} already exists")
@@ -336,6 +374,7 @@ class EventBus:
             max_batch=max_batch,
             max_wait_s=max_wait_s,
             accepts=accepts,
+            acknowledges=acknowledges,
             health=self._health,
             high_water=self._high_water,
             low_water=self._low_water,
@@ -354,61 +393,79 @@ class EventBus:
 
         return unsubscribe
 
-    def try_publish(self, event: Event) -> bool:
+    def try_deliver(self, event: Event) -> bool:
         """Deliver ``event`` now if every subscriber that takes it has room; else do nothing.
 
         The synchronous fast path for ingest, which calls it per message without a task:
-        False means "use ``publish``", never that the event was dropped. It also refuses while
-        an earlier publisher waits for room, so a later event cannot overtake it.
+        False means "use ``deliver``", never that the event was dropped. It also refuses while
+        an earlier sender waits for room, so a later event cannot overtake it.
         """
         if self._closed:
             raise BusClosed("the event bus is closed")
-        if self._slow_publishers:
+        if self._slow_senders:
             return False
-        targets = [sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)]
+        targets = self._targets(event)
         for subscription in targets:
             if not subscription.has_room():
                 return False
-        self._published[event.source].inc()
+        self._join_acks(event, targets)
+        self._delivered[event.source].inc()
         for subscription in targets:
             subscription.append(event)
         return True
 
-    async def publish(self, event: Event, *, to: str | None = None) -> None:
-        """Offer ``event`` to every subscriber that accepts it, waiting where a queue blocks.
+    async def deliver(self, event: Event, *, to: str | None = None) -> None:
+        """Offer ``event`` to every subscriber that takes it, waiting where a queue blocks.
 
-        ``to`` restricts delivery to one subscriber: a stage re-publishing what it derived
-        uses it so an event never comes back to the stage that is waiting on it.
+        ``to`` restricts delivery to one subscriber: a stage handing on what it derived uses
+        it so an event never comes back to the stage that is waiting on it.
         """
-        if to is None and self.try_publish(event):
+        if to is None and self.try_deliver(event):
             return
         if self._closed:
             raise BusClosed("the event bus is closed")
-        self._published[event.source].inc()
+        targets = self._targets(event, to)
+        self._join_acks(event, targets)
+        self._delivered[event.source].inc()
         if to is not None:
-            for subscription in self._subscriptions:
-                if subscription.name == to and (
-                    subscription.accepts is None or subscription.accepts(event)
-                ):
-                    await subscription.offer(event)
+            for subscription in targets:
+                await subscription.offer(event)
             return
-        targets = [sub for sub in self._subscriptions if sub.accepts is None or sub.accepts(event)]
-        # Some queue is full, or an earlier event is still on this path: publish under the
+        # Some queue is full, or an earlier event is still on this path: deliver under the
         # lock (FIFO), so no later event overtakes this one at a subscriber after the one it
-        # waits for (a full queue admits events in order, but the publisher only moves on to
+        # waits for (a full queue admits events in order, but the sender only moves on to
         # the next subscriber when its task next runs).
-        self._slow_publishers += 1
+        self._slow_senders += 1
         try:
             async with self._ordered:
                 for subscription in targets:
                     await subscription.offer(event)
         finally:
-            self._slow_publishers -= 1
+            self._slow_senders -= 1
 
-    async def publish_many(self, events: Iterable[Event]) -> None:
-        """Publish several events in order."""
+    async def deliver_many(self, events: Iterable[Event]) -> None:
+        """Deliver several events in order."""
         for event in events:
-            await self.publish(event)
+            await self.deliver(event)
+
+    def _targets(self, event: Event, to: str | None = None) -> list[_Subscription]:
+        """The subscribers that take ``event`` (only the one named ``to``, if given)."""
+        return [
+            sub
+            for sub in self._subscriptions
+            if (to is None or sub.name == to) and (sub.accepts is None or sub.accepts(event))
+        ]
+
+    @staticmethod
+    def _join_acks(event: Event, targets: list[_Subscription]) -> None:
+        """Make the sender's acknowledgement wait for every subscriber that takes ``event``.
+
+        Each subscriber calls ``event.ack()`` once it is done with the event (the store after
+        commit, the pipeline once everything the event caused is committed); the sender's
+        own hook runs after the last of them.
+        """
+        if event.needs_ack and len(targets) > 1:
+            event.ack = JointAck(event.ack, len(targets))
 
     def depth(self) -> dict[str, int]:
         """Return the number of events waiting per subscriber (queued plus blocked)."""
@@ -418,9 +475,9 @@ class EventBus:
         """Return each subscriber's overflow policy."""
         return {sub.name: sub.overflow for sub in self._subscriptions}
 
-    def waiting_publishers(self) -> int:
-        """Return how many publishers wait because some queue is full."""
-        return self._slow_publishers
+    def waiting_senders(self) -> int:
+        """Return how many senders wait because some queue is full."""
+        return self._slow_senders
 
     def degraded(self) -> dict[str, str]:
         """Return the bus's degraded reasons (``bus_backlog``, ``dropping``) with details."""
@@ -479,4 +536,4 @@ class EventBus:
         self._health.reset()
 
 
-__all__ = ["BatchHandler", "EventBus"]
+__all__ = ["BatchHandler", "EventBus", "JointAck"]

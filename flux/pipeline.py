@@ -3,15 +3,17 @@
 One bus subscriber (``pipeline``) runs both, so what a stage derives is processed inline,
 depth first, up to the hop limit, instead of going back through the bus: a stage that waited
 on its own full queue would deadlock. Derived events go to the store only
-(``bus.publish(..., to="store")``), whose handler never publishes, so waiting for room in its
+(``bus.deliver(..., to="store")``), whose handler never delivers, so waiting for room in its
 queue is safe. The pipeline does not wait for their commit: it moves on to the next batch
 and confirms batches in order as their derived events commit.
 
-Acknowledgement: an ingested event the pipeline accepts carries a ``JointAck`` that fires
-only when both the store has committed the event and the pipeline has confirmed everything
-the event caused: derived events, dead letters and alert rows committed, webhook outbox rows
-committed, rule publishes PUBACKed by the broker. A crash in between means redelivery, so
-an alert or a publish is never lost for a message that was acknowledged.
+Acknowledgement: the bus joins the store's confirmation of an event with the pipeline's,
+which comes once everything the event caused is confirmed: derived events, dead letters and
+alert rows committed, webhook outbox rows committed, rule publishes PUBACKed by the broker.
+A crash in between means redelivery, so an alert or a publish is never lost for a message
+that was acknowledged.
+
+Every rule action's handler is registered here, on the pipeline's own ``ActionExecutor``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from flux.rules import (
     PublishAction,
     RuleEngine,
     RuleMatch,
+    WebhookAction,
     alert_row,
     publish_message,
 )
@@ -43,28 +46,15 @@ from flux.rules import (
 log = logging.getLogger(__name__)
 
 PIPELINE_SUBSCRIBER = "pipeline"
-
+STORE_SUBSCRIBER = "store"
 
 #: Send an MQTT message; the callable runs once the broker has it (``MqttPublisher``).
 Publish = Callable[[PublishMessage, Callable[[], None]], Awaitable[None]]
-
-
-STORE_SUBSCRIBER = "store"
-
-
-class JointAck:
-    """Call ``ack`` once every one of ``parts`` confirmations has arrived."""
-
-    __slots__ = ("_ack", "_remaining")
-
-    def __init__(self, ack: Callable[[], None], parts: int) -> None:
-        self._ack = ack
-        self._remaining = parts
-
-    def __call__(self) -> None:
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._ack()
+#: Queue a webhook action's POST durably (``WebhookOutbox.handler``); raises
+#: ``StoreUnavailable`` while the database is away.
+QueueWebhook = Callable[[RuleMatch, WebhookAction], Awaitable[None]]
+#: Queue alert rows for the store's next transaction; the callable runs after their commit.
+AddAlerts = Callable[[Sequence[dict[str, Any]], Callable[[], None]], None]
 
 
 class _BatchConfirmation:
@@ -97,20 +87,22 @@ class Pipeline:
         bus: EventBus,
         plugins: PluginManager,
         rules: RuleEngine,
-        actions: ActionExecutor,
-        add_alerts: Callable[[Sequence[dict[str, Any]], Callable[[], None]], None],
+        add_alerts: AddAlerts,
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         publish: Publish,
+        queue_webhook: QueueWebhook,
         max_hops: int,
+        retry_max_delay_s: float,
     ) -> None:
         self._bus = bus
         self._plugins = plugins
         self._rules = rules
-        self._actions = actions
         self._add_alerts = add_alerts
         self._dead_letter = dead_letter
         self._publish = publish
+        self._queue_webhook = queue_webhook
         self._max_hops = max_hops
+        self._retry_max_delay_s = retry_max_delay_s
         # Filled by the action handlers while a batch's matches execute.
         self._alerts: list[dict[str, Any]] = []
         self._derived: list[Event] = []
@@ -118,21 +110,19 @@ class Pipeline:
         # is the one being handled.
         self._unconfirmed: deque[_BatchConfirmation] = deque()
         self._current = _BatchConfirmation([])
-        self._unregister = [
-            actions.register("alert", self._alert_action),
-            actions.register("plugin", self._plugin_action),
-            actions.register("publish", self._publish_action),
-        ]
-
-    def close(self) -> None:
-        """Unregister the action handlers this stage installed."""
-        for unregister in self._unregister:
-            unregister()
-        self._unregister = []
+        self.actions = ActionExecutor(max_hops=max_hops)
+        for action_type, handler in (
+            ("alert", self._alert_action),
+            ("plugin", self._plugin_action),
+            ("publish", self._publish_action),
+            ("webhook", self._webhook_action),
+        ):
+            self.actions.register(action_type, handler)
 
     async def handle(self, batch: list[Event]) -> None:
-        """Process ``batch`` and what it derives; confirm each event (see ``JointAck``) once
-        everything the batch caused is confirmed, batches in order.
+        """Process ``batch`` and what it derives; confirm each event (``event.ack()``, the
+        pipeline's part of its acknowledgement) once everything the batch caused is
+        confirmed, batches in order.
 
         A bug in a stage is logged and counted and the batch is still confirmed, so one bad
         batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
@@ -147,7 +137,7 @@ class Pipeline:
                 for event in derived:
                     event.ack = self._part(confirmation)
                     try:
-                        await self._bus.publish(event, to=STORE_SUBSCRIBER)
+                        await self._bus.deliver(event, to=STORE_SUBSCRIBER)
                     except BaseException:
                         confirmation.outstanding -= 1  # never reached the store
                         raise
@@ -184,7 +174,7 @@ class Pipeline:
         derived = await self._run_plugins(work)
         matches = await self._rules.evaluate_batch(work)
         if matches:
-            await self._actions.execute(matches)
+            await self.actions.execute(matches)
             alerts, self._alerts = self._alerts, []
             derived.extend(self._derived)
             self._derived = []
@@ -244,34 +234,18 @@ class Pipeline:
             confirmation.outstanding -= 1
             raise
 
-
-def retry_through_outages(
-    handler: Callable[[RuleMatch, Any], Awaitable[None]], *, max_delay_s: float
-) -> Callable[[RuleMatch, Any], Awaitable[None]]:
-    """Retry ``handler`` while the database is unavailable, with capped, jittered backoff.
-
-    The webhook outbox refuses to queue during an outage; retrying here holds the batch
-    (and so its acknowledgement) until the webhook is durably queued, instead of losing it.
-    """
-
-    async def handler_with_retry(match: RuleMatch, action: Any) -> None:
-        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=max_delay_s)
+    async def _webhook_action(self, match: RuleMatch, action: WebhookAction) -> None:
+        """Queue the POST durably, retrying while the database is away: the batch (and so
+        its acknowledgement) waits until the webhook is queued, instead of losing it."""
+        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=self._retry_max_delay_s)
         while True:
             try:
-                await handler(match, action)
+                await self._queue_webhook(match, action)
                 return
             except StoreUnavailable as exc:
                 delay = backoff.next()
                 log.warning("%s; retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
 
-    return handler_with_retry
 
-
-__all__ = [
-    "PIPELINE_SUBSCRIBER",
-    "STORE_SUBSCRIBER",
-    "JointAck",
-    "Pipeline",
-    "retry_through_outages",
-]
+__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "Pipeline", "Publish", "QueueWebhook"]

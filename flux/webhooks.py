@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flux import __version__
+from flux.config import WebhooksConfig
 from flux.errors import StoreUnavailable
 from flux.metrics import DEAD_LETTERS
 from flux.retry import DB_RETRY_FIRST_S, Backoff, exponential_delay
@@ -172,6 +173,21 @@ class WebhookOutbox:
         self._write_lock = asyncio.Lock() if not self._postgres else None
         self._results: list[_Result] = []
         self._recorder: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: WebhooksConfig, *, engine: AsyncEngine, shutdown_timeout_s: float
+    ) -> WebhookOutbox:
+        """An outbox in ``engine`` with the configured retries and concurrency."""
+        return cls(
+            engine=engine,
+            max_attempts=config.max_attempts,
+            base_delay_s=config.base_delay_s,
+            max_delay_s=config.max_delay_s,
+            concurrency=config.concurrency,
+            poll_interval_s=config.poll_interval_s,
+            shutdown_timeout_s=shutdown_timeout_s,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -52,7 +52,6 @@ HEALTHY_AFTER_S = 30.0
 #: after the forwarded signal is killed.
 STOP_MARGIN_S = 15.0
 EXIT_CONFIG = 2
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -334,11 +333,9 @@ async def _embedded_broker(settings: Settings) -> EmbeddedBroker | None:
     and has no shared subscriptions, so ``--workers`` with it is refused (exit code 2).
     """
     mqtt = settings.mqtt
-    if mqtt.embedded == "off" or mqtt.host not in _LOOPBACK:
+    broker = EmbeddedBroker.allowed(mqtt)
+    if broker is None or await broker_answers(mqtt.host, mqtt.port):
         return None  # the workers log it themselves if nothing answers
-    if await broker_answers(mqtt.host, mqtt.port):
-        return None
-    broker = EmbeddedBroker.choose(mqtt)
     if broker.kind != "mosquitto":
         raise ConfigError(
             f"no broker answers at {mqtt.host}:{mqtt.port} and the embedded broker would be "

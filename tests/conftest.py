@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from flux.app import Gateway
+from flux.api.server import HttpServer
+from flux.app import Gateway, serve
 from flux.config import Settings, load_settings
 from tests.support import PrivateMosquitto, mosquitto_available, port_open, unique
 
@@ -126,7 +127,7 @@ GatewayFactory = Callable[[Settings], Awaitable[Gateway]]
 
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[Callable[[Settings], Any]]:
-    """Start gateways for a test and stop them (in stages) when it ends."""
+    """Start gateways (no HTTP) for a test and stop them (in stages) when it ends."""
     running: list[Gateway] = []
 
     @asynccontextmanager
@@ -144,6 +145,20 @@ async def start_gateway() -> AsyncIterator[Callable[[Settings], Any]]:
     yield _start
     for gateway in running:
         await gateway.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def serve_gateway() -> AsyncIterator[Callable[[Settings], Any]]:
+    """Serve gateways with their HTTP API, as ``flux run`` does: ``async with
+    serve_gateway(settings) as (gateway, http)``; stopped in stages when the block ends."""
+
+    @asynccontextmanager
+    async def _serve(settings: Settings) -> AsyncIterator[tuple[Gateway, HttpServer]]:
+        gateway = Gateway(settings=settings)
+        async with serve(gateway) as http:
+            yield gateway, http
+
+    yield _serve
 
 
 @pytest.fixture

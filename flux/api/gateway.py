@@ -3,15 +3,14 @@ module that composes the gateway (and the composer can import the API)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
 
+from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
 from flux.bus import EventBus
 from flux.config import Settings
-from flux.errors import NotReady
-from flux.events import Event
 from flux.ingest.mqtt import MqttIngest
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
@@ -21,13 +20,26 @@ from flux.rules.sources import RuleSources
 class GatewayView(Protocol):
     """The parts of a running gateway the routes use (``flux.app.Gateway`` is one)."""
 
-    settings: Settings
-    engine: AsyncEngine | None
-    bus: EventBus
-    mqtt: MqttIngest | None
-    plugins: PluginManager | None
-    rules: RuleEngine | None
-    rule_sources: RuleSources | None
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+    @property
+    def bus(self) -> EventBus: ...
+
+    @property
+    def mqtt(self) -> MqttIngest: ...
+
+    @property
+    def plugins(self) -> PluginManager: ...
+
+    @property
+    def rules(self) -> RuleEngine: ...
+
+    @property
+    def rule_sources(self) -> RuleSources: ...
 
     @property
     def accepting(self) -> bool: ...
@@ -36,22 +48,43 @@ class GatewayView(Protocol):
 
     def degraded(self) -> dict[str, str]: ...
 
-    async def ingest(self, events: list[Event]) -> None: ...
-
     async def reload_rules(self) -> dict[str, Any]: ...
 
 
 def gateway_of(request: Request) -> GatewayView:
-    """The gateway the API of ``request`` serves."""
+    """The gateway the API of ``request`` serves (``create_api`` puts it in the app state)."""
     return cast(GatewayView, request.app.state.gateway)
 
 
-def engine_of(request: Request) -> AsyncEngine:
-    """The database of the gateway ``request`` is for; ``NotReady`` while there is none."""
-    engine = gateway_of(request).engine
-    if engine is None:
-        raise NotReady("the database is not open yet")
-    return engine
+# Typed dependencies for the routes. Async on purpose: FastAPI runs a plain function
+# dependency on a worker thread, a thread hop per request.
 
 
-__all__ = ["GatewayView", "engine_of", "gateway_of"]
+async def _gateway(request: Request) -> GatewayView:
+    return gateway_of(request)
+
+
+async def _engine(request: Request) -> AsyncEngine:
+    return gateway_of(request).engine
+
+
+async def _rules(request: Request) -> RuleEngine:
+    return gateway_of(request).rules
+
+
+async def _rule_sources(request: Request) -> RuleSources:
+    return gateway_of(request).rule_sources
+
+
+async def _plugins(request: Request) -> PluginManager:
+    return gateway_of(request).plugins
+
+
+Gateway = Annotated[GatewayView, Depends(_gateway)]
+Database = Annotated[AsyncEngine, Depends(_engine)]
+Rules = Annotated[RuleEngine, Depends(_rules)]
+Sources = Annotated[RuleSources, Depends(_rule_sources)]
+Plugins = Annotated[PluginManager, Depends(_plugins)]
+
+
+__all__ = ["Database", "Gateway", "GatewayView", "Plugins", "Rules", "Sources", "gateway_of"]

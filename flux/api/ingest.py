@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
-from flux.api.gateway import GatewayView, gateway_of
+from flux.api.gateway import Gateway, GatewayView
 from flux.errors import InvalidEvent, NotReady, StoreUnavailable
 from flux.events import (
     MAX_DEPTH,
@@ -93,7 +93,7 @@ def to_event(
 
 
 async def store(gateway: GatewayView, batch: list[Event]) -> None:
-    """Publish ``batch`` and wait until every event is committed."""
+    """Deliver ``batch`` to the bus and wait until every event is committed."""
     if not gateway.accepting:
         raise NotReady("the gateway is not accepting events (starting or stopping)")
     loop = asyncio.get_running_loop()
@@ -106,7 +106,7 @@ async def store(gateway: GatewayView, batch: list[Event]) -> None:
     try:
         # asyncio.timeout, not wait_for: no extra task per request (~15% of a request's CPU).
         async with asyncio.timeout(timeout):
-            await gateway.ingest(batch)
+            await gateway.bus.deliver_many(batch)
         async with asyncio.timeout(timeout):
             for future in futures:
                 await future
@@ -124,11 +124,11 @@ async def store(gateway: GatewayView, batch: list[Event]) -> None:
     response_model=StoredEvent,
     responses={422: {"description": "invalid event"}, 503: {"description": "not stored"}},
 )
-async def post_event(request: Request, item: Annotated[EventIn, Body()]) -> StoredEvent:
+async def post_event(gateway: Gateway, item: Annotated[EventIn, Body()]) -> StoredEvent:
     """Ingest one event; 201 once it is committed to the database."""
-    max_bytes = gateway_of(request).settings.mqtt.max_payload_bytes
+    max_bytes = gateway.settings.mqtt.max_payload_bytes
     event = to_event(item.topic, item.payload, max_bytes=max_bytes)
-    await store(gateway_of(request), [event])
+    await store(gateway, [event])
     return StoredEvent(id=event.id, topic=event.topic, device_id=event.device_id)
 
 
@@ -139,16 +139,16 @@ async def post_event(request: Request, item: Annotated[EventIn, Body()]) -> Stor
     responses={422: {"description": "invalid event"}, 503: {"description": "not stored"}},
 )
 async def post_events(
-    request: Request,
+    gateway: Gateway,
     items: Annotated[list[EventIn], Body(max_length=MAX_BATCH_EVENTS)],
 ) -> StoredEvents:
     """Ingest a batch in order; validated as a whole (one bad event rejects the batch)."""
-    max_bytes = gateway_of(request).settings.mqtt.max_payload_bytes
+    max_bytes = gateway.settings.mqtt.max_payload_bytes
     batch = [
         to_event(item.topic, item.payload, max_bytes=max_bytes, index=i)
         for i, item in enumerate(items)
     ]
-    await store(gateway_of(request), batch)
+    await store(gateway, batch)
     return StoredEvents(count=len(batch), ids=[event.id for event in batch])
 
 

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 
-from flux.api.gateway import GatewayView, gateway_of
-from flux.errors import FluxError
-from flux.plugins import PluginManager
+from flux.api.gateway import Plugins
 
 router = APIRouter(tags=["plugins"])
 
 PluginName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
-def _manager(request: Request) -> PluginManager:
-    gateway: GatewayView = gateway_of(request)
-    if gateway.plugins is None:
-        raise FluxError("the plugin runtime is not running")
-    return gateway.plugins
-
-
 @router.get("/plugins")
-async def list_plugins(request: Request) -> dict[str, Any]:
+async def list_plugins(manager: Plugins) -> dict[str, Any]:
     """Every loaded plugin with its pool stats (available, max_size, hits, misses, recycles,
     traps), and the plugins that failed to load with the reason."""
-    manager = _manager(request)
     return {
         "plugins": manager.describe_all(),
         "errors": {name: error.to_dict() for name, error in manager.load_errors.items()},
@@ -34,20 +24,20 @@ async def list_plugins(request: Request) -> dict[str, Any]:
 
 
 @router.get("/plugins/{name}", responses={404: {"description": "unknown plugin"}})
-async def get_plugin(request: Request, name: PluginName) -> dict[str, Any]:
-    return _manager(request).describe(name)
+async def get_plugin(manager: Plugins, name: PluginName) -> dict[str, Any]:
+    return manager.describe(name)
 
 
 @router.post("/plugins/{name}/restart", responses={404: {"description": "unknown plugin"}})
-async def restart_plugin(request: Request, name: PluginName) -> dict[str, Any]:
+async def restart_plugin(manager: Plugins, name: PluginName) -> dict[str, Any]:
     """Replace every instance of the plugin's pool with fresh ones."""
-    return (await _manager(request).restart(name)).as_dict()
+    return (await manager.restart(name)).as_dict()
 
 
 @router.post("/plugins/reload")
-async def reload_plugins(request: Request) -> dict[str, Any]:
+async def reload_plugins(manager: Plugins) -> dict[str, Any]:
     """Re-read ``plugins/``: new pools are built and warmed first, then swapped in."""
-    return (await _manager(request).reload()).as_dict()
+    return (await manager.reload()).as_dict()
 
 
 __all__ = ["router"]

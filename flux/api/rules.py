@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path
 from pydantic import BaseModel, Field
 
-from flux.api.gateway import GatewayView, gateway_of
-from flux.errors import Conflict, FluxError, NotFound
+from flux.api.gateway import Gateway, Rules, Sources
+from flux.errors import Conflict, NotFound
 from flux.rules import RuleEngine, parse_rule
 from flux.rules.sources import RuleSources
 
@@ -38,13 +38,6 @@ class RuleTestRequest(BaseModel):
     device_id: str | None = Field(default=None, max_length=255)
 
 
-def _parts(request: Request) -> tuple[GatewayView, RuleEngine, RuleSources]:
-    gateway: GatewayView = gateway_of(request)
-    if gateway.rules is None or gateway.rule_sources is None:
-        raise FluxError("the rules engine is not running")
-    return gateway, gateway.rules, gateway.rule_sources
-
-
 def _status(engine: RuleEngine, rule_id: str) -> dict[str, Any]:
     status = engine.status(rule_id)
     if status is None:
@@ -53,9 +46,8 @@ def _status(engine: RuleEngine, rule_id: str) -> dict[str, Any]:
 
 
 @router.get("/rules")
-async def list_rules(request: Request) -> dict[str, Any]:
+async def list_rules(engine: Rules) -> dict[str, Any]:
     """Every rule with its status (active, disabled, quarantined, error) and counters."""
-    _, engine, _ = _parts(request)
     return {"version": engine.version, "rules": [s.to_dict() for s in engine.rules()]}
 
 
@@ -64,9 +56,10 @@ async def list_rules(request: Request) -> dict[str, Any]:
     status_code=201,
     responses={409: {"description": "id exists"}, 422: {"description": "invalid rule"}},
 )
-async def create_rule(request: Request, body: RuleBody) -> dict[str, Any]:
+async def create_rule(
+    gateway: Gateway, engine: Rules, sources: Sources, body: RuleBody
+) -> dict[str, Any]:
     """Create a database rule (validated and compiled first), then reload."""
-    gateway, engine, sources = _parts(request)
     rule = parse_rule(body)
     await engine.check_rule(rule)
     if await sources.find(rule.id) is not None:
@@ -77,15 +70,15 @@ async def create_rule(request: Request, body: RuleBody) -> dict[str, Any]:
 
 
 @router.get("/rules/{rule_id}", responses={404: {"description": "unknown rule"}})
-async def get_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
-    _, engine, _ = _parts(request)
+async def get_rule(engine: Rules, rule_id: RuleId) -> dict[str, Any]:
     return _status(engine, rule_id)
 
 
 @router.put("/rules/{rule_id}", responses={422: {"description": "invalid rule"}})
-async def put_rule(request: Request, rule_id: RuleId, body: RuleBody) -> dict[str, Any]:
+async def put_rule(
+    gateway: Gateway, engine: Rules, sources: Sources, rule_id: RuleId, body: RuleBody
+) -> dict[str, Any]:
     """Create or replace a rule in the database (overrides a file rule of the same id)."""
-    gateway, engine, sources = _parts(request)
     data = {**body, "id": body.get("id", rule_id)}
     if data["id"] != rule_id:
         raise Conflict("the body's id differs from the URL's", rule_id=rule_id)
@@ -100,9 +93,8 @@ async def put_rule(request: Request, rule_id: RuleId, body: RuleBody) -> dict[st
     "/rules/{rule_id}",
     responses={404: {"description": "unknown rule"}, 409: {"description": "defined in a file"}},
 )
-async def delete_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+async def delete_rule(gateway: Gateway, sources: Sources, rule_id: RuleId) -> dict[str, Any]:
     """Delete a database rule; a rule defined in ``rules/`` is edited there instead."""
-    gateway, _, sources = _parts(request)
     deleted = await sources.delete(rule_id)
     if not deleted:
         if sources.in_files(rule_id):
@@ -115,8 +107,9 @@ async def delete_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
     return {"deleted": rule_id, "reload": await gateway.reload_rules()}
 
 
-async def _set_enabled(request: Request, rule_id: str, enabled: bool) -> dict[str, Any]:
-    gateway, engine, sources = _parts(request)
+async def _set_enabled(
+    gateway: Gateway, engine: RuleEngine, sources: RuleSources, rule_id: str, enabled: bool
+) -> dict[str, Any]:
     rule = await sources.find(rule_id)
     if rule is None:
         raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
@@ -129,20 +122,25 @@ async def _set_enabled(request: Request, rule_id: str, enabled: bool) -> dict[st
 
 
 @router.post("/rules/{rule_id}/enable", responses={404: {"description": "unknown rule"}})
-async def enable_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
+async def enable_rule(
+    gateway: Gateway, engine: Rules, sources: Sources, rule_id: RuleId
+) -> dict[str, Any]:
     """Enable a rule (also lifts a quarantine)."""
-    return await _set_enabled(request, rule_id, True)
+    return await _set_enabled(gateway, engine, sources, rule_id, True)
 
 
 @router.post("/rules/{rule_id}/disable", responses={404: {"description": "unknown rule"}})
-async def disable_rule(request: Request, rule_id: RuleId) -> dict[str, Any]:
-    return await _set_enabled(request, rule_id, False)
+async def disable_rule(
+    gateway: Gateway, engine: Rules, sources: Sources, rule_id: RuleId
+) -> dict[str, Any]:
+    return await _set_enabled(gateway, engine, sources, rule_id, False)
 
 
 @router.post("/rules/{rule_id}/test", responses={404: {"description": "unknown rule"}})
-async def test_rule(request: Request, rule_id: RuleId, body: RuleTestRequest) -> dict[str, Any]:
+async def test_rule(
+    engine: Rules, sources: Sources, rule_id: RuleId, body: RuleTestRequest
+) -> dict[str, Any]:
     """Evaluate a rule against a sample payload: match, output and time (no actions run)."""
-    _, engine, sources = _parts(request)
     rule = await sources.find(rule_id)
     if rule is None:
         raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
@@ -151,13 +149,12 @@ async def test_rule(request: Request, rule_id: RuleId, body: RuleTestRequest) ->
 
 
 @router.post("/rules/reload")
-async def reload_rules(request: Request) -> dict[str, Any]:
+async def reload_rules(gateway: Gateway) -> dict[str, Any]:
     """Re-read ``rules/`` and the database, compile everything, swap atomically.
 
     Returns the new ruleset version, counts and per-rule errors with line numbers; a rule
     that fails is left out while the rest go live. Concurrent calls coalesce.
     """
-    gateway, _, _ = _parts(request)
     started = time.perf_counter()
     report = await gateway.reload_rules()
     report["request_seconds"] = round(time.perf_counter() - started, 6)

@@ -1,4 +1,6 @@
-"""The embedded broker: started on loopback when nothing answers at the configured address.
+"""The broker the gateway talks to: whatever answers at ``mqtt.url``, else an embedded one.
+
+The embedded broker is started on loopback when nothing answers at the configured address.
 
 ``auto`` prefers a child ``mosquitto`` when it is on PATH (a C broker with MQTT v5, disk
 persistence and ~10x amqtt's throughput) and falls back to amqtt, a pure-Python broker that
@@ -18,6 +20,7 @@ from typing import Any, Self
 
 from flux.config import MqttConfig
 from flux.errors import BrokerStartError
+from flux.ingest._gmqtt import MQTTv50, MQTTv311
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,12 @@ EMBEDDED_MAX_QUEUED_MESSAGES = 1_000_000
 #: its Receive Maximum. Its default of 20 lets the gateway's rule publishes have only 20
 #: unconfirmed at a time, one event-loop turn per refill.
 EMBEDDED_MAX_INFLIGHT_MESSAGES = 1_000
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface."""
+    return host in LOOPBACK
 
 
 async def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -78,6 +87,14 @@ class EmbeddedBroker:
         self._max_payload_bytes = max_payload_bytes
         self._process: asyncio.subprocess.Process | None = None
         self._amqtt: Any = None
+
+    @classmethod
+    def allowed(cls, config: MqttConfig) -> EmbeddedBroker | None:
+        """The embedded broker the configuration allows at ``mqtt.url`` (loopback only, and
+        ``mqtt.embedded`` not ``off``), else None; nothing is started yet."""
+        if config.embedded == "off" or not is_loopback(config.host):
+            return None
+        return cls.choose(config)
 
     @classmethod
     def choose(cls, config: MqttConfig) -> EmbeddedBroker:
@@ -170,4 +187,54 @@ class EmbeddedBroker:
         raise BrokerStartError(f"the embedded broker did not listen on {self.host}:{self.port}")
 
 
-__all__ = ["EmbeddedBroker", "broker_answers", "mosquitto_config"]
+class MqttBroker:
+    """Make sure a broker answers at ``mqtt.url`` for the gateway's lifetime.
+
+    Whatever answers there is used as it is (``kind`` ``external``); else the embedded broker
+    the configuration allows is started, and stopped on exit; else the gateway runs without
+    one (``kind`` ``missing``, logged) and MQTT ingest keeps trying to connect.
+    """
+
+    def __init__(self, config: MqttConfig) -> None:
+        self._config = config
+        self.embedded: EmbeddedBroker | None = None
+        self.kind = "external"
+
+    @property
+    def protocol_version(self) -> int:
+        """The MQTT version to speak: amqtt answers MQTT 3.1.1 only, not a v5 CONNECT."""
+        return int(MQTTv311 if self.kind == "amqtt" else MQTTv50)
+
+    async def __aenter__(self) -> Self:
+        config = self._config
+        if await broker_answers(config.host, config.port):
+            return self
+        embedded = EmbeddedBroker.allowed(config)
+        if embedded is None:
+            self.kind = "missing"
+            why = "is off" if config.embedded == "off" else "only runs on loopback"
+            log.warning(
+                "no MQTT broker answers at %s:%d; the embedded broker %s",
+                config.host,
+                config.port,
+                why,
+            )
+            return self
+        self.embedded = await embedded.__aenter__()
+        self.kind = embedded.kind
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        embedded, self.embedded = self.embedded, None
+        if embedded is not None:
+            await embedded.__aexit__(None, None, None)
+
+
+__all__ = [
+    "LOOPBACK",
+    "EmbeddedBroker",
+    "MqttBroker",
+    "broker_answers",
+    "is_loopback",
+    "mosquitto_config",
+]

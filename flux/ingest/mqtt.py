@@ -29,7 +29,8 @@ from typing import Any, Self
 from flux.config import MqttConfig
 from flux.errors import MqttConnectError
 from flux.events import DeadLetter, Event, make_event
-from flux.ingest._gmqtt import IngestClient, MQTTv50, connect
+from flux.ingest._gmqtt import IngestClient, connect
+from flux.ingest.broker import MqttBroker
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
 from flux.retry import Backoff
 
@@ -57,28 +58,28 @@ def _hops_from(properties: dict[str, Any]) -> int:
 
 
 class MqttIngest:
-    """Subscribe to the configured topics and feed every message to ``publish``/``dead_letter``."""
+    """Subscribe to the configured topics and hand every message to ``deliver``/``dead_letter``."""
 
     def __init__(
         self,
         *,
         config: MqttConfig,
-        publish: Callable[[Event], Awaitable[None]],
-        try_publish: Callable[[Event], bool] | None = None,
+        deliver: Callable[[Event], Awaitable[None]],
+        try_deliver: Callable[[Event], bool] | None = None,
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         receive_maximum: int,
         max_pending: int = 1024,
-        protocol_version: int = MQTTv50,
+        broker: MqttBroker,
         connect_timeout_s: float = 15.0,
         binary_topic: Callable[[str], bool] | None = None,
     ) -> None:
         self._config = config
-        self._publish = publish
-        self._try_publish = try_publish
+        self._deliver = deliver
+        self._try_deliver = try_deliver
         self._dead_letter = dead_letter
         self._receive_maximum = max(1, min(receive_maximum, 65535))
         self._max_pending = max(max_pending, self._receive_maximum)
-        self._protocol_version = protocol_version
+        self._broker = broker
         self._binary_topic = binary_topic
         self._messages_by_qos = [MQTT_MESSAGES.labels(qos=str(qos)) for qos in range(3)]
         self._connect_timeout_s = connect_timeout_s
@@ -139,7 +140,7 @@ class MqttIngest:
             await connect(
                 client,
                 config,
-                version=self._protocol_version,
+                version=self._broker.protocol_version,
                 timeout_s=self._connect_timeout_s,
                 what="to the MQTT broker at",
             )
@@ -262,9 +263,9 @@ class MqttIngest:
         self._idle.clear()
         if self._pending > self._max_pending:
             self._room.clear()
-        if not self._waiting and isinstance(item, Event) and self._try_publish is not None:
+        if not self._waiting and isinstance(item, Event) and self._try_deliver is not None:
             try:
-                handed_over = self._try_publish(item)
+                handed_over = self._try_deliver(item)
             except Exception:
                 log.exception("message on %s could not be handed over; redelivery follows", topic)
                 self._settle()
@@ -289,8 +290,8 @@ class MqttIngest:
                 try:
                     if not isinstance(item, Event):
                         await self._dead_letter(item)
-                    elif self._try_publish is None or not self._try_publish(item):
-                        await self._publish(item)
+                    elif self._try_deliver is None or not self._try_deliver(item):
+                        await self._deliver(item)
                 except Exception:
                     log.exception(
                         "message on %s could not be handed over; it will be redelivered",

@@ -33,6 +33,7 @@ from flux.config import MqttConfig
 from flux.errors import MqttConnectError
 from flux.events import PublishMessage
 from flux.ingest._gmqtt import MQTTv50, PublisherClient, connect
+from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import HOPS_PROPERTY
 from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
 from flux.retry import Backoff
@@ -91,14 +92,13 @@ class MqttPublisher:
         self,
         *,
         config: MqttConfig,
-        client_id: str,
-        protocol_version: int,
+        broker: MqttBroker,
         max_queued: int = 10_000,
         connect_timeout_s: float = 15.0,
     ) -> None:
         self._config = config
-        self._client_id = client_id
-        self._protocol_version = protocol_version
+        self._client_id = f"{config.client_id}-pub"
+        self._broker = broker
         self._max_queued = max_queued
         self._connect_timeout_s = connect_timeout_s
         self._client: PublisherClient | None = None
@@ -141,9 +141,7 @@ class MqttPublisher:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), 5)
 
-    async def publish(
-        self, message: PublishMessage, *, confirm: Callable[[], None] = _noop
-    ) -> None:
+    async def publish(self, message: PublishMessage, confirm: Callable[[], None] = _noop) -> None:
         """Queue ``message`` tagged with its hop count (MQTT 5 user property); ``confirm``
         runs once the broker has it. Waits only while ``max_queued`` messages wait.
 
@@ -170,7 +168,7 @@ class MqttPublisher:
         self._schedule_flush()
 
     def _properties(self, hops: int) -> bytes:
-        if self._protocol_version < MQTTv50:
+        if self._broker.protocol_version < MQTTv50:
             return b""
         properties = self._hops_properties.get(hops)
         if properties is None:
@@ -197,7 +195,7 @@ class MqttPublisher:
                 await connect(
                     client,
                     self._config,
-                    version=self._protocol_version,
+                    version=self._broker.protocol_version,
                     timeout_s=self._connect_timeout_s,
                     what="the publishing session to",
                 )

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import orjson
 
 from flux.coalesce import Coalescer
+from flux.config import PluginsConfig
 from flux.events import Event, derive_event, device_id_for, new_event_id
 from flux.plugins.errors import (
     PluginError,
@@ -156,6 +157,16 @@ class PluginManager:
         self._started = False
         self._closed = False
         self._reloads: Coalescer[ReloadReport] = Coalescer()
+
+    @classmethod
+    def from_config(cls, config: PluginsConfig) -> PluginManager:
+        """A manager of the plugins in ``plugins.dir`` with the configured pools and cache."""
+        return cls(
+            plugins_dir=Path(config.dir),
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+            default_pool_size=config.pool_size,
+            max_hops=config.max_hops,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 

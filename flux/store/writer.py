@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Stateme
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flux import faults
+from flux.config import DatabaseConfig
 from flux.errors import StoreUnavailable
 from flux.events import DeadLetter, Event
 from flux.metrics import (
@@ -142,13 +143,25 @@ class StoreWriter:
         self._alert_task: asyncio.Task[None] | None = None
         # The commit in progress (batches are prepared while the previous one commits).
         self._committing: asyncio.Task[None] | None = None
-        self.available = True
+        # Writable as far as we know: from start-up (the database was just migrated) until
+        # a write fails, and again once one commits.
+        self.available = False
         self.dead_letter_backlog = False
-        self.last_error = ""
+        self.last_error = "not started"
+
+    @classmethod
+    def from_config(cls, config: DatabaseConfig, *, engine: AsyncEngine) -> StoreWriter:
+        """A writer for ``engine`` with the configured retry cap and SQLite durability."""
+        return cls(
+            engine=engine,
+            retry_max_delay_s=config.retry_max_delay_s,
+            sqlite_synchronous=config.sqlite_synchronous,
+        )
 
     async def __aenter__(self) -> Self:
         if self._dead_letter_task is not None:
             raise RuntimeError("the store writer is already running")
+        self.available, self.last_error = True, ""
         for reason in ("database_unavailable", "dead_letter_backlog"):
             DEGRADED.labels(reason=reason).set(0)
         self._dead_letter_task = asyncio.create_task(

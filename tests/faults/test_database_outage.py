@@ -53,6 +53,7 @@ DURING = 1000
 async def _outage(
     *,
     gateway: Gateway,
+    api_url: str,
     db: Db,
     sim: SeqDevice,
     dev: str,
@@ -93,7 +94,7 @@ async def _outage(
 
     sampler = asyncio.create_task(sample())
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
+        base_url=api_url, timeout=10
     ) as http:
         rows_at_outage = len(await db.seqs(topic))
         await take_down()
@@ -199,7 +200,7 @@ def _settings(tmp_path: Path, port: int, dev: str, url: str | None = None) -> An
 @pytest.mark.slow
 @pytest.mark.parametrize("hold_s", [0.0, 30.0], ids=["refused-twice", "30s"])
 async def test_sqlite_locked_by_an_external_writer(
-    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any, hold_s: float
+    tmp_path: Path, mosquitto: PrivateMosquitto, serve_gateway: Any, hold_s: float
 ) -> None:
     dev = unique("dev")
     settings = _settings(tmp_path, mosquitto.port, dev)
@@ -216,9 +217,10 @@ async def test_sqlite_locked_by_an_external_writer(
         lock.close()
 
     try:
-        async with start_gateway(settings) as gateway:
+        async with serve_gateway(settings) as (gateway, server):
             await _outage(
                 gateway=gateway,
+                api_url=server.url,
                 db=db,
                 sim=sim,
                 dev=dev,
@@ -241,7 +243,7 @@ async def test_sqlite_locked_by_an_external_writer(
 @pytest.mark.postgres
 @pytest.mark.parametrize("hold_s", [0.0, 30.0], ids=["refused", "30s"])
 async def test_postgresql_stopped_and_started(
-    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any, hold_s: float
+    tmp_path: Path, mosquitto: PrivateMosquitto, serve_gateway: Any, hold_s: float
 ) -> None:
     pg = PrivatePostgres()
     reason = pg.unavailable_reason()
@@ -267,9 +269,10 @@ async def test_postgresql_stopped_and_started(
         await asyncio.to_thread(pg.start)
 
     try:
-        async with start_gateway(settings) as gateway:
+        async with serve_gateway(settings) as (gateway, server):
             await _outage(
                 gateway=gateway,
+                api_url=server.url,
                 db=db,
                 sim=sim,
                 dev=dev,
@@ -288,7 +291,7 @@ async def test_postgresql_stopped_and_started(
 
 @pytest.mark.slow
 async def test_disk_io_errors_in_the_write_transaction(
-    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any
+    tmp_path: Path, mosquitto: PrivateMosquitto, serve_gateway: Any
 ) -> None:
     dev = unique("dev")
     settings = _settings(tmp_path, mosquitto.port, dev)
@@ -302,9 +305,10 @@ async def test_disk_io_errors_in_the_write_transaction(
         faults.disarm()
 
     try:
-        async with start_gateway(settings) as gateway:
+        async with serve_gateway(settings) as (gateway, server):
             await _outage(
                 gateway=gateway,
+                api_url=server.url,
                 db=db,
                 sim=sim,
                 dev=dev,

@@ -49,7 +49,7 @@ def test_a_gateway_that_has_not_started_is_not_ready_and_says_why(tmp_path: Path
 
 @pytest.mark.slow
 async def test_backlog_and_drops_are_reported_but_the_gateway_stays_ready(
-    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any
+    tmp_path: Path, mosquitto: PrivateMosquitto, serve_gateway: Any
 ) -> None:
     dev = unique("dev")
     topic = f"devices/{dev}/telemetry"
@@ -66,14 +66,14 @@ async def test_backlog_and_drops_are_reported_but_the_gateway_stays_ready(
         seen.extend(event.payload["seq"] for event in batch)
 
     try:
-        async with start_gateway(settings) as gateway:
+        async with serve_gateway(settings) as (gateway, server):
             await wait_subscribed(sim, db, dev)
             bus = gateway.bus
             bus._health.window_s = 0.5  # the dropping window (30 s by default)
             # A subscriber of the operator's choosing that drops QoS 0 when it falls behind.
             unsubscribe = bus.subscribe("archive", stuck, overflow="drop_newest", max_batch=8)
             async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
+                base_url=server.url, timeout=10
             ) as http:
                 sim.publish_seq(topic, range(200), qos=0)
                 await wait_until(lambda: db.has_all(topic, 200), timeout=30, what="all stored")
@@ -116,14 +116,14 @@ async def _ready_and_clean(http: httpx.AsyncClient) -> bool:
 
 @pytest.mark.slow
 async def test_a_lost_broker_makes_the_gateway_not_ready_until_it_is_back(
-    tmp_path: Path, mosquitto: PrivateMosquitto, start_gateway: Any
+    tmp_path: Path, mosquitto: PrivateMosquitto, serve_gateway: Any
 ) -> None:
     settings = make_settings(
         tmp_path, ("127.0.0.1", mosquitto.port), mqtt={"reconnect_max_delay_s": 1.0}
     )
     async with (
-        start_gateway(settings) as gateway,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as http,
+        serve_gateway(settings) as (gateway, server),
+        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
     ):
         assert await _ready_and_clean(http)
         mosquitto.stop()

@@ -13,12 +13,12 @@ from tests.support import unique
 
 
 @pytest.fixture
-async def api(tmp_path: Path, broker: tuple[str, int], start_gateway: Any) -> Any:
+async def api(tmp_path: Path, broker: tuple[str, int], serve_gateway: Any) -> Any:
     settings = make_settings(tmp_path, broker, server={"api_token": "t0ken"})
     async with (
-        start_gateway(settings) as gateway,
+        serve_gateway(settings) as (_gateway, server),
         httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{gateway.http_port}",
+            base_url=server.url,
             headers={"Authorization": "Bearer t0ken"},
             timeout=30,
         ) as client,
@@ -182,14 +182,14 @@ async def test_unknown_device_and_route_are_json_404(api: Any) -> None:
 async def test_eventbus_overflow_applies_to_every_subscriber_unless_overridden(
     tmp_path: Path,
     broker: tuple[str, int],
-    start_gateway: Any,
+    serve_gateway: Any,
     eventbus: dict[str, str],
     expected: dict[str, str],
 ) -> None:
     settings = make_settings(tmp_path, broker, eventbus=eventbus)
     async with (
-        start_gateway(settings) as gateway,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as client,
+        serve_gateway(settings) as (_gateway, server),
+        httpx.AsyncClient(base_url=server.url) as client,
     ):
         status = (await client.get("/api/v1/status")).json()
     assert status["bus_overflow"] == expected

@@ -189,7 +189,7 @@ async def test_a_runaway_rule_is_quarantined_and_the_others_keep_running(
 
 
 async def test_rules_api_create_test_reload_disable_and_delete(
-    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Any
 ) -> None:
     dev = unique("dev")
     settings = make_settings(tmp_path, broker, device_ids=[dev])
@@ -200,9 +200,9 @@ async def test_rules_api_create_test_reload_disable_and_delete(
         "actions": [{"type": "alert", "severity": "info"}],
     }
     async with (
-        start_gateway(settings) as gateway,
+        serve_gateway(settings) as (gateway, server),
         httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+            base_url=f"{server.url}/api/v1", timeout=30
         ) as api,
     ):
         created = await api.post("/rules", json=rule)
@@ -237,12 +237,12 @@ async def test_rules_api_create_test_reload_disable_and_delete(
         assert listing["rules"] == []
 
 
-async def test_plugins_api_lists_pools_and_restarts(shipped: Any, start_gateway: Any) -> None:
+async def test_plugins_api_lists_pools_and_restarts(shipped: Any, serve_gateway: Any) -> None:
     _, settings = shipped
     async with (
-        start_gateway(settings) as gateway,
+        serve_gateway(settings) as (_gateway, server),
         httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+            base_url=f"{server.url}/api/v1", timeout=30
         ) as api,
     ):
         listing = (await api.get("/plugins")).json()
@@ -259,7 +259,7 @@ async def test_plugins_api_lists_pools_and_restarts(shipped: Any, start_gateway:
 
 
 async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_calls_a_webhook(
-    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Any
 ) -> None:
     """The rule author's path: a new TOML file, POST /rules/reload, a matching message."""
     dev = unique("dev")
@@ -271,9 +271,9 @@ async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_cal
     settings = make_settings(tmp_path, broker, device_ids=[dev], webhooks={"base_delay_s": 0.05})
     try:
         async with (
-            start_gateway(settings) as gateway,
+            serve_gateway(settings) as (gateway, server),
             httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=30
+                base_url=f"{server.url}/api/v1", timeout=30
             ) as api,
         ):
             (rules_dir / "freezer.toml").write_text(
@@ -308,7 +308,7 @@ async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_cal
 
 
 async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
-    tmp_path: Path, start_gateway: Any
+    tmp_path: Path, serve_gateway: Any
 ) -> None:
     if not mosquitto_available():
         pytest.skip("needs mosquitto on PATH for a broker that queues more than 1000 messages")
@@ -328,13 +328,13 @@ async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
     total = 1500
     try:
         async with (
-            start_gateway(settings) as gateway,
+            serve_gateway(settings) as (gateway, server),
             httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{gateway.http_port}/api/v1", timeout=60
+                base_url=f"{server.url}/api/v1", timeout=60
             ) as api,
         ):
-            assert gateway.actions is not None
-            runtimes_before = gateway.bus.subscriber_count(), gateway.actions.handler_count
+            actions = gateway.pipeline.actions
+            runtimes_before = gateway.bus.subscriber_count(), actions.handler_count
             messages: list[tuple[str, bytes | str]] = [
                 (f"devices/{dev}/telemetry", orjson.dumps({"seq": i})) for i in range(total)
             ]
@@ -354,7 +354,7 @@ async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
             assert len(rows) == total, "each event evaluated exactly once across reloads"
             assert len({row["event_id"] for row in rows}) == total
             assert len(versions) > 1, "reloads happened while events flowed"
-            after = gateway.bus.subscriber_count(), gateway.actions.handler_count
+            after = gateway.bus.subscriber_count(), actions.handler_count
             assert after == runtimes_before
     finally:
         private.cleanup()

@@ -42,11 +42,90 @@ async def test_every_subscriber_sees_every_event_in_order_in_batches() -> None:
     bus.subscribe("a", handler_a, max_batch=4)
     bus.subscribe("b", handler_b)
     async with bus:
-        await bus.publish_many(_event(n) for n in range(100))
+        await bus.deliver_many(_event(n) for n in range(100))
         assert await bus.drain(10)
     assert seen["a"] == list(range(100))
     assert seen["b"] == list(range(100))
     assert max(sizes) <= 4
+
+
+async def test_the_senders_ack_waits_for_every_subscriber_that_takes_the_event() -> None:
+    bus = EventBus(capacity=8)
+    acked: list[int] = []
+    confirm: dict[str, list[Event]] = {"store": [], "pipeline": []}
+
+    async def keep(name: str, batch: list[Event]) -> None:
+        confirm[name].extend(batch)
+
+    bus.subscribe("store", lambda batch: keep("store", batch), acknowledges=True)
+    bus.subscribe("pipeline", lambda batch: keep("pipeline", batch), acknowledges=True)
+    async with bus:
+        for n in range(3):
+            event = _event(n)
+            event.ack = lambda n=n: acked.append(n)  # type: ignore[misc]
+            await bus.deliver(event)
+        assert await bus.drain(10)
+        for event in confirm["store"]:
+            event.ack()
+        assert acked == [], "acknowledged before the pipeline confirmed"
+        for event in reversed(confirm["pipeline"]):
+            event.ack()
+        assert acked == [2, 1, 0]
+        # Delivered to one subscriber only: that subscriber's confirmation is the sender's.
+        only = _event(9)
+        only.ack = lambda: acked.append(9)
+        await bus.deliver(only, to="store")
+        assert await bus.drain(10)
+        confirm["store"][-1].ack()
+        assert acked[-1] == 9
+
+
+async def test_a_subscriber_that_does_not_acknowledge_is_confirmed_when_its_handler_returns() -> (
+    None
+):
+    bus = EventBus(capacity=8)
+    acked: list[int] = []
+    kept: list[Event] = []
+    release = asyncio.Event()
+
+    async def store(batch: list[Event]) -> None:
+        kept.extend(batch)
+
+    async def observer(batch: list[Event]) -> None:
+        await release.wait()
+        if batch[0].payload["n"] == 1:
+            raise RuntimeError("a bug in an observer")
+
+    bus.subscribe("store", store, acknowledges=True)
+    bus.subscribe("observer", observer, max_batch=1)
+    async with bus:
+        for n in range(2):
+            event = _event(n)
+            event.ack = lambda n=n: acked.append(n)  # type: ignore[misc]
+            await bus.deliver(event)
+        await wait_until(lambda: len(kept) == 2, what="the store has both")
+        for event in kept:
+            event.ack()
+        assert acked == [], "acknowledged before the observer handled the events"
+        release.set()
+        assert await bus.drain(10)
+    assert acked == [0, 1]  # the failing batch is confirmed too: it must not stall senders
+
+
+async def test_a_refused_fast_delivery_leaves_the_ack_alone() -> None:
+    bus = EventBus(capacity=4)
+    bus.subscribe("a", lambda batch: asyncio.sleep(3600))
+    bus.subscribe("b", lambda batch: asyncio.sleep(0))
+    hook = lambda: None  # noqa: E731
+    async with bus:
+        delivered = 0
+        while bus.try_deliver(_event(delivered)):
+            delivered += 1
+            assert delivered < 10, "a full queue never refused"
+        refused = _event(99)
+        refused.ack = hook
+        assert not bus.try_deliver(refused)
+        assert refused.ack is hook
 
 
 async def test_block_policy_applies_back_pressure_and_keeps_order() -> None:
@@ -60,11 +139,11 @@ async def test_block_policy_applies_back_pressure_and_keeps_order() -> None:
 
     bus.subscribe("slow", slow, max_batch=2)
     async with bus:
-        publishers = [asyncio.create_task(bus.publish(_event(n))) for n in range(20)]
+        publishers = [asyncio.create_task(bus.deliver(_event(n))) for n in range(20)]
         await wait_until(lambda: sum(p.done() for p in publishers) == 6, what="queue full")
         # 2 in the handler, 4 queued, 1 blocked at the queue, 13 waiting their turn behind it.
         assert bus.depth()["slow"] == 5
-        assert bus.waiting_publishers() == 14
+        assert bus.waiting_senders() == 14
         assert not all(p.done() for p in publishers)
         release.set()
         await asyncio.gather(*publishers)
@@ -86,12 +165,12 @@ async def test_drop_policies_count_drops_and_never_drop_acknowledged_events(poli
     bus.subscribe(name, slow, max_batch=1)
     before = _dropped(name, policy)
     async with bus:
-        await bus.publish(_event(0))
+        await bus.deliver(_event(0))
         await wait_until(lambda: bus.depth()[name] == 0, what="first event in handler")
         for n in range(1, 11):
-            await bus.publish(_event(n))
+            await bus.deliver(_event(n))
         assert _dropped(name, policy) - before == 6
-        waiting = asyncio.create_task(bus.publish(_event(99, acked=True)))
+        waiting = asyncio.create_task(bus.deliver(_event(99, acked=True)))
         if policy == "drop_newest":
             await wait_until(lambda: bus.depth()[name] == 5, what="acked event waiting")
             assert not waiting.done()
@@ -139,11 +218,11 @@ async def test_drop_oldest_never_drops_an_event_someone_waits_on(
 
     bus.subscribe("oldest", slow, max_batch=1)
     async with bus:
-        await bus.publish(event("first"))
+        await bus.deliver(event("first"))
         await wait_until(lambda: bus.depth()["oldest"] == 0, what="first event in the handler")
         for kind in queued:
-            await bus.publish(event(kind))
-        await asyncio.wait_for(bus.publish(event(arriving)), 5)  # never waits here
+            await bus.deliver(event(kind))
+        await asyncio.wait_for(bus.deliver(event(arriving)), 5)  # never waits here
         release.set()
         assert await bus.drain(10)
     assert seen == ["first", *kept]
@@ -163,7 +242,7 @@ async def test_a_failing_subscriber_is_counted_and_does_not_break_the_bus() -> N
     bus.subscribe("fine", fine)
     before = SUBSCRIBER_ERRORS.labels(subscriber="broken")._value.get()
     async with bus:
-        await bus.publish_many(_event(n) for n in range(5))
+        await bus.deliver_many(_event(n) for n in range(5))
         assert await bus.drain(10)
     assert good == list(range(5))
     assert SUBSCRIBER_ERRORS.labels(subscriber="broken")._value.get() - before == 5
@@ -178,7 +257,7 @@ async def test_a_partial_batch_waits_at_most_max_wait() -> None:
 
     bus.subscribe("store", handler, max_batch=50, max_wait_s=0.05)
     async with bus:
-        await bus.publish_many(_event(n) for n in range(3))
+        await bus.deliver_many(_event(n) for n in range(3))
         await wait_until(lambda: sum(batches) == 3, timeout=5, what="partial batch")
     assert batches == [3]
 
@@ -195,10 +274,10 @@ async def test_unsubscribe_and_close() -> None:
         assert bus.subscriber_count() == 1
         unsubscribe()
         assert bus.subscriber_count() == 0
-        await bus.publish(_event(1))
+        await bus.deliver(_event(1))
         bus.close()
         with pytest.raises(BusClosed):
-            await bus.publish(_event(2))
+            await bus.deliver(_event(2))
     assert seen == []
     with pytest.raises(ValueError, match="already exists"):
         bus.subscribe("x", handler)
@@ -217,14 +296,14 @@ async def test_backlog_is_reported_above_the_high_water_mark_and_cleared_below_t
 
     bus.subscribe("slow", slow, max_batch=2)
     async with bus:
-        await bus.publish(_event(0))
+        await bus.deliver(_event(0))
         await wait_until(lambda: bus.depth()["slow"] == 0, what="first event in the handler")
         for n in range(1, 9):
-            await bus.publish(_event(n))
+            await bus.deliver(_event(n))
         assert bus.depth()["slow"] == 8  # at the mark, not above it
         assert bus.degraded() == {}
         assert _degraded("bus_backlog") == 0
-        await bus.publish(_event(9))
+        await bus.deliver(_event(9))
         assert "bus_backlog" in bus.degraded()
         assert bus.degraded()["bus_backlog"] == "slow (9 of 10 queued)"
         assert _degraded("bus_backlog") == 1
@@ -254,7 +333,7 @@ async def test_a_blocked_subscriber_reports_backlog_until_the_bus_stops() -> Non
 
     bus.subscribe("stuck", handler, max_batch=1)
     async with bus:
-        publishers = [asyncio.create_task(bus.publish(_event(n))) for n in range(8)]
+        publishers = [asyncio.create_task(bus.deliver(_event(n))) for n in range(8)]
         await wait_until(lambda: "bus_backlog" in bus.degraded(), what="backlog reported")
         assert _degraded("bus_backlog") == 1
         for publisher in publishers:
@@ -274,10 +353,10 @@ async def test_dropping_is_reported_while_drops_happen_and_clears_after_the_wind
     bus.subscribe("dropper", slow, max_batch=1)
     before = _dropped("dropper", "drop_newest")
     async with bus:
-        await bus.publish(_event(0))
+        await bus.deliver(_event(0))
         await wait_until(lambda: bus.depth()["dropper"] == 0, what="first event in the handler")
         for n in range(1, 6):
-            await bus.publish(_event(n))
+            await bus.deliver(_event(n))
         assert _dropped("dropper", "drop_newest") - before == 3
         reasons = bus.degraded()
         assert reasons.get("dropping") == "dropper (3 dropped)", reasons
@@ -299,7 +378,7 @@ async def test_below_the_high_water_mark_nothing_is_reported() -> None:
     bus.subscribe("fast", handler)
     async with bus:
         for n in range(1000):
-            await bus.publish(_event(n))
+            await bus.deliver(_event(n))
             if n % 50 == 0:
                 await asyncio.sleep(0)  # let the subscriber keep up
         assert await bus.drain(10)
