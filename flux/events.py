@@ -270,8 +270,8 @@ def make_event(
 def json_bytes(value: Any) -> bytes:
     """``orjson.dumps(value)`` in a bytes object of its own size, for bytes kept around.
 
-    orjson's result keeps the buffer it wrote into (4 KiB at least since orjson 3.12): with
-    thousands of events and publishes in flight that was tens of MiB of the gateway's RSS.
+    orjson's result can keep the whole buffer it wrote into, several KiB for a short
+    document: with thousands of events and publishes in flight that adds up.
     """
     return b"".join((orjson.dumps(value), b""))
 

@@ -28,9 +28,9 @@ class HotCount:
 class HotCounter(Collector):
     """A labelled counter for per-message paths on the event loop thread.
 
-    prometheus_client's ``Counter.inc`` takes a lock per call, which cost ~6% of the
-    gateway's CPU when done per message. Here an increment is a plain integer add; it is
-    only safe from one thread (the event loop), which is where every caller runs.
+    prometheus_client's ``Counter.inc`` takes a lock per call, a visible share of the CPU
+    when done per message. Here an increment is a plain integer add; it is only safe from
+    one thread (the event loop), which is where every caller runs.
     """
 
     def __init__(self, name: str, documentation: str, label: str) -> None:

@@ -434,7 +434,7 @@ class WebhookOutbox:
 
     async def _post(self, claim: _Claim) -> _Outcome:
         """POST once with a total deadline of the request's timeout; never raise."""
-        import httpx  # here, not at import: ~5 MiB of RSS most gateways never need
+        import httpx  # here, not at import: memory most gateways never need
 
         if self._client is None:
             self._client = httpx.AsyncClient(

@@ -3,7 +3,7 @@
 The embedded broker is started on loopback when nothing answers at the configured address.
 
 ``auto`` prefers a child ``mosquitto`` when it is on PATH (a C broker with MQTT v5, disk
-persistence and ~10x amqtt's throughput) and falls back to amqtt, a pure-Python broker that
+persistence and far more throughput) and falls back to amqtt, a pure-Python broker that
 runs in-process (MQTT 3.1.1 only; gmqtt falls back to 3.1.1 with it; sessions live in memory).
 """
 

@@ -7,9 +7,8 @@ carries an acknowledgement hook; the store calls it after commit, and the PUBACK
 loop iteration leave in one socket write. The broker's Receive Maximum bounds how many
 unacknowledged messages are in flight; for QoS 0, which it does not bound, reading from the
 socket pauses while too many messages wait for the bus. The same pause guards QoS 1 against
-a broker that overruns Receive Maximum (Mosquitto 2.0.11 does when it replays a session's
-offline queue: 1,778 unacknowledged messages in flight were measured with a Receive Maximum
-of 10).
+a broker that overruns Receive Maximum (Mosquitto 2.0 does when it replays a session's
+offline queue).
 
 A PUBACK for a message that arrived on a connection since lost is withheld: after a reconnect
 a packet id may name a different message, and the broker redelivers the old one anyway.

@@ -1,10 +1,10 @@
 """One warm plugin instance: a ``Store`` with limits, the instantiated module, a fast call path.
 
 wasmtime-py's ``Func.__call__`` asks the engine for the function's type and converts every
-argument and result through ``Val`` on each call (~35 µs here). Signatures are validated once
-at load (``runtime.validate_module``), so this module calls ``wasmtime_func_call_unchecked``
-directly through ctypes with a preallocated raw-value array and integer addresses (~2-3 µs
-with the fuel reset). The input buffer is allocated once through ``flux_alloc`` and reused for
+argument and result through ``Val`` on each call, many times the cost of the call itself.
+Signatures are validated once at load (``runtime.validate_module``), so this module calls
+``wasmtime_func_call_unchecked`` directly through ctypes with a preallocated raw-value array
+and integer addresses. The input buffer is allocated once through ``flux_alloc`` and reused for
 every call until a larger message arrives.
 
 Not thread-safe: one instance serves one call at a time (the pool guarantees it); wasmtime

@@ -2,13 +2,11 @@
 
 The manager is the one object the rest of the gateway talks to; it runs on the event loop.
 
-Where calls run, by measurement (2 shared cores, wasmtime 50): a call through the manager
-costs ~14 us inline on the loop (fast path ~4.5 us, the rest is pool, metrics and derived
-events) but ~115 us through a thread pool, whose hop costs far more than a typical plugin
-call. Two CPU-heavy calls (~2-3 ms of wasm each) do run in parallel on two threads
-(1.5-2x; wasmtime releases the GIL). So calls run inline by default and a plugin whose
-calls are heavy opts into the thread pool (``[pool] executor = "thread"``); ``call_many``
-and ``call_batch`` amortize the hop either way.
+Where calls run: a hop to a thread pool costs far more than a typical plugin call, while
+CPU-heavy calls do run in parallel on threads (wasmtime releases the GIL). So calls run
+inline on the loop by default and a plugin whose calls are heavy opts into the thread pool
+(``[pool] executor = "thread"``); ``call_many`` and ``call_batch`` amortize the hop either
+way. The figures are in the README's Benchmarks section.
 
 Reload builds and warms the new pool of every changed plugin first, then swaps the whole
 table in one assignment; calls already running finish on the old pool, whose instances are

@@ -1,7 +1,7 @@
 """Apply Alembic migrations from code: on start-up and through ``flux db upgrade``.
 
-Alembic is imported only when the database is behind: loading it costs ~11 MiB of RSS for
-the gateway's lifetime, and a database at the head revision (every start but the first)
+Alembic is imported only when the database is behind: once loaded it stays in the gateway's
+memory for its lifetime, and a database at the head revision (every start but the first)
 needs nothing from it.
 """
 

@@ -1,9 +1,9 @@
 """Event batches on SQLite: one thread, one connection, one hop per batch.
 
-Through SQLAlchemy's async layer a batch took six round trips between the event loop and
+Through SQLAlchemy's async layer a batch takes six round trips between the event loop and
 aiosqlite's thread (checkout, BEGIN, two inserts, COMMIT, close), each waiting behind
-whatever the loop was doing: a 500-row commit that costs ~3 ms in SQLite took 20-30 ms.
-Here the whole transaction runs as one call on a dedicated thread. Rows are plain tuples in
+whatever the loop is doing, so a busy loop made a short commit long. Here the whole
+transaction runs as one call on a dedicated thread. Rows are plain tuples in
 the formats SQLAlchemy itself stores (JSON text; ``DateTime`` as UTC text with
 microseconds), so everything else keeps reading them through SQLAlchemy.
 
