@@ -29,6 +29,7 @@ from flux.api import create_api
 from flux.api.server import HttpServer, MetricsServer
 from flux.bus import EventBus
 from flux.config import Settings
+from flux.errors import FluxError
 from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import MqttIngest
 from flux.ingest.publisher import MqttPublisher
@@ -57,7 +58,7 @@ GC_THRESHOLD = 50_000
 SWITCH_INTERVAL_S = 0.0005
 
 #: Degraded reasons that make the gateway not ready (/ready answers 503).
-NOT_READY = frozenset({"not_accepting", "database_unavailable", "mqtt_disconnected"})
+NOT_READY = frozenset({"not_accepting", "database_unavailable", "disk_full", "mqtt_disconnected"})
 
 
 class GatewayState(enum.Enum):
@@ -119,7 +120,10 @@ class Gateway:
             binary_topic=self.plugins.wants_raw,
             receive_maximum=settings.mqtt.receive_maximum or 2 * settings.database.batch_size,
             max_pending=settings.eventbus.capacity,
+            on_fatal=self.fail,
         )
+        #: Set when a failure that will not fix itself stopped the gateway (``run`` raises it).
+        self.fatal: FluxError | None = None
 
     @property
     def state(self) -> GatewayState:
@@ -211,6 +215,13 @@ class Gateway:
         """Return once ``request_stop`` was called."""
         await self._stop_requested.wait()
 
+    def fail(self, error: FluxError) -> None:
+        """Stop because of ``error``, which will not fix itself (e.g. the broker refuses
+        our credentials): ``run`` raises it once the gateway has stopped in stages."""
+        if self.fatal is None:
+            self.fatal = error
+        self.request_stop()
+
     def stop_intake(self) -> None:
         """Stop taking events (stage 'intake'): MQTT messages stay unacknowledged and are
         redelivered later, HTTP ingest answers 503."""
@@ -277,7 +288,7 @@ class Gateway:
             stopping = self._state in (GatewayState.STOPPING, GatewayState.STOPPED)
             reasons["not_accepting"] = "stopping" if stopping else "starting"
         if not self.writer.available:
-            reasons["database_unavailable"] = self.writer.last_error
+            reasons[self.writer.unavailable_reason] = self.writer.last_error
         if not self.mqtt.connected:
             reasons["mqtt_disconnected"] = self.settings.mqtt.url
         reasons.update(self.bus.degraded())
@@ -309,22 +320,25 @@ def _running_tasks() -> str:
 
 @contextlib.asynccontextmanager
 async def serve(gateway: Gateway) -> AsyncIterator[HttpServer]:
-    """Start ``gateway``, then its HTTP API and metrics endpoint; yield the HTTP server.
+    """Start ``gateway``, then its HTTP API; yield the HTTP server.
 
-    On exit intake stops first (HTTP ingest answers 503 from then on), then the HTTP server
-    closes once its in-flight requests are answered, then the gateway stops in stages.
+    The metrics endpoint and the API's port are bound first, so a taken port stops start-up
+    before any connection opens. On exit intake stops first (HTTP ingest answers 503 from
+    then on), then the HTTP server closes once its in-flight requests are answered, then
+    the gateway stops in stages.
     """
     settings = gateway.settings
+    http = HttpServer(
+        app=create_api(gateway),
+        config=settings.server,
+        close_timeout_s=settings.shutdown.close_timeout_s,
+    )
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(gateway)
-        http = await stack.enter_async_context(
-            HttpServer(
-                app=create_api(gateway),
-                config=settings.server,
-                close_timeout_s=settings.shutdown.close_timeout_s,
-            )
-        )
         await stack.enter_async_context(MetricsServer(settings.metrics))
+        http.reserve()
+        stack.callback(http.release)
+        await stack.enter_async_context(gateway)
+        await stack.enter_async_context(http)
         stack.callback(gateway.stop_intake)
         yield http
 
@@ -361,6 +375,8 @@ async def run(settings: Settings) -> None:
         tune_interpreter()
         await gateway.wait_stopped()
         log.info("stopping: intake off, draining the bus")
+    if gateway.fatal is not None:
+        raise gateway.fatal
 
 
 __all__ = ["NOT_READY", "Gateway", "GatewayState", "run", "serve"]

@@ -15,7 +15,7 @@ import orjson
 
 from flux import __version__
 from flux.config import Settings, load_settings
-from flux.errors import ConfigError, FluxError
+from flux.errors import ConfigError, FluxError, PortUnavailable
 from flux.workers import WORKER_INDEX_ENV, attach_to_supervisor, run_workers
 
 DEFAULT_CONFIG = "config.toml"
@@ -84,9 +84,16 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Settings printed as "***" by ``flux config check`` when set.
+SECRETS = (("server", "api_token"), ("mqtt", "password"))
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    print(settings.model_dump_json(indent=2))
+    shown = _settings(args).model_dump(mode="json")
+    for section, key in SECRETS:
+        if shown[section][key]:
+            shown[section][key] = "***"
+    _print_json(shown)
     return 0
 
 
@@ -282,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.handler(args)
+    except PortUnavailable as exc:
+        print(f"flux: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"flux: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

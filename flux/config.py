@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from flux.errors import ConfigError
+from flux.net import is_loopback
 from flux.topics import validate_filter
 
 OverflowPolicy = Literal["block", "drop_oldest", "drop_newest"]
@@ -31,11 +40,80 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     api_token: str = ""
+    #: A file holding the token (systemd credentials, Kubernetes secrets); read at start.
+    api_token_file: str = ""
+    #: Serve a non-loopback ``host`` without a token (refused otherwise).
+    allow_unauthenticated: bool = False
     request_timeout_s: float = Field(30.0, gt=0)
+    tls_cert_file: str = ""
+    tls_key_file: str = Field("", validate_default=True)
+    #: When set, clients must present a certificate signed by this CA.
+    tls_client_ca_file: str = Field("", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        """Take the token from ``api_token_file`` when ``api_token`` is empty (the file's
+        own checks are ``_readable_token_file``'s)."""
+        if isinstance(data, dict) and data.get("api_token_file") and not data.get("api_token"):
+            token = _read_token(str(data["api_token_file"]))
+            if token:
+                return {**data, "api_token": token}
+        return data
+
+    @field_validator("api_token_file")
+    @classmethod
+    def _readable_token_file(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        path = Path(value)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{path}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"{path} is empty")
+        if info.data.get("api_token") != token:
+            raise ValueError("set api_token or api_token_file, not both")
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    @classmethod
+    def _existing_file(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_with_cert(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value) != bool(info.data.get("tls_cert_file")):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return value
+
+    @field_validator("tls_client_ca_file")
+    @classmethod
+    def _client_ca_with_cert(cls, value: str, info: ValidationInfo) -> str:
+        if value and not info.data.get("tls_cert_file"):
+            raise ValueError("requiring client certificates needs tls_cert_file and tls_key_file")
+        return value
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+
+def _read_token(path: str) -> str:
+    """The stripped contents of a token file, or "" when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 class MetricsConfig(_Section):
-    port: int = Field(9090, ge=0, le=65535)
+    #: A second port serving only /metrics; 0 (default): /metrics on the API port only.
+    port: int = Field(0, ge=0, le=65535)
     host: str = "127.0.0.1"
 
 
@@ -195,7 +273,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
 def _first_error(exc: ValidationError) -> ConfigError:
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"])
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     return ConfigError(message, key=key)
@@ -216,9 +294,22 @@ def load_settings(
             raise ConfigError(f"{file} is not valid TOML: {exc}") from None
     data = _apply_env(data, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc) from None
+    _check_exposure(settings.server)
+    return settings
+
+
+def _check_exposure(server: ServerConfig) -> None:
+    """Refuse an API reachable beyond this machine without a token, unless asked for."""
+    if is_loopback(server.host) or server.api_token or server.allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"the API would listen on {server.host} without a token: set server.api_token (or "
+        "server.api_token_file), or server.allow_unauthenticated = true",
+        key="server.api_token",
+    )
 
 
 __all__ = [

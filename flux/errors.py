@@ -6,6 +6,7 @@ rules' and the plugins' own errors live beside their code::
 
     FluxError
     ├── ConfigError                    an invalid file or FLUX_* override (exit code 2)
+    │   └── PortUnavailable            a configured port is taken (exit code 2)
     ├── InvalidEvent                   a message that cannot become an event (422)
     ├── StoreUnavailable               the database is away or refused a write (503)
     ├── BusClosed                      the event bus is stopping or stopped (503)
@@ -13,7 +14,8 @@ rules' and the plugins' own errors live beside their code::
     ├── NotFound                       no such resource (404)
     ├── Conflict                       clashes with the current state (409)
     ├── Unauthorized                   a configured bearer token missing (401)
-    ├── MqttConnectError               the broker refused or did not answer
+    ├── MqttConnectError               the broker refused the connection (bad password, TLS)
+    │   └── MqttUnreachable            nothing answers at the broker's address (yet)
     ├── BrokerStartError               the embedded broker could not start
     ├── flux.rules.errors.RuleError
     │   ├── RuleValidationError        a rule file or body is invalid (422)
@@ -63,6 +65,10 @@ class ConfigError(FluxError):
         return f"{self.key}: {self.message}" if self.key else self.message
 
 
+class PortUnavailable(ConfigError):
+    """A port the configuration names is already in use (or may not be bound)."""
+
+
 class InvalidEvent(FluxError):
     """A message cannot become an event (bad JSON, wrong shape, too large)."""
 
@@ -104,7 +110,11 @@ class Conflict(FluxError):
 
 
 class MqttConnectError(FluxError):
-    """The broker refused or did not answer a connection."""
+    """The broker refused the connection: it will not fix itself (credentials, TLS)."""
+
+
+class MqttUnreachable(MqttConnectError):
+    """Nothing answers at the broker's address, or there is no route to it: retried."""
 
 
 class BrokerStartError(FluxError):
@@ -125,8 +135,10 @@ __all__ = [
     "FluxError",
     "InvalidEvent",
     "MqttConnectError",
+    "MqttUnreachable",
     "NotFound",
     "NotReady",
+    "PortUnavailable",
     "StoreUnavailable",
     "Unauthorized",
 ]

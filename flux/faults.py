@@ -4,7 +4,9 @@
 ``hit("after_commit")`` (``after_commit`` alone means the 1st time; several points may be
 armed, comma-separated). ``FLUX_FAULT=db_io_error:5`` instead makes the first 5 passes of
 ``hit("db_io_error")`` raise the ``OperationalError("disk I/O error")`` SQLAlchemy raises for
-a failing disk, inside the write transaction: an outage of 5 refused commits. The variable
+a failing disk, inside the write transaction: an outage of 5 refused commits.
+``FLUX_FAULT=disk_full:5`` raises SQLite's "database or disk is full" the same way, at every
+write the gateway makes (event batches, alerts, dead letters, the webhook outbox). The variable
 is read once, at import: when it is unset ``hit`` is a function that returns at once, so the
 hooks cost nothing in production. In-process tests may ``arm`` and ``disarm`` points.
 """
@@ -18,8 +20,9 @@ import signal
 #: the commit (before any acknowledgement), and after each acknowledgement of a batch; and
 #: the rule publisher's, right after it wrote publishes (before their PUBACKs come back).
 KILL_POINTS = ("before_commit", "after_commit", "mid_ack", "publish_written")
-#: Points that raise a database error instead: inside the events' write transaction.
-ERROR_POINTS = ("db_io_error",)
+#: Points that raise a database error instead, with the message SQLite gives.
+ERROR_MESSAGES = {"db_io_error": "disk I/O error", "disk_full": "database or disk is full"}
+ERROR_POINTS = tuple(ERROR_MESSAGES)
 POINTS = KILL_POINTS + ERROR_POINTS
 
 
@@ -56,17 +59,17 @@ def _armed(point: str) -> None:
     _passes[point] += 1
     if point in ERROR_POINTS:
         if _passes[point] <= target:
-            _raise_io_error()
+            _raise_database_error(ERROR_MESSAGES[point])
     elif _passes[point] == target:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _raise_io_error() -> None:
+def _raise_database_error(message: str) -> None:
     import sqlite3
 
     from sqlalchemy.exc import OperationalError
 
-    raise OperationalError("COMMIT", None, sqlite3.OperationalError("disk I/O error"))
+    raise OperationalError("COMMIT", None, sqlite3.OperationalError(message))
 
 
 def arm(spec: str) -> None:

@@ -33,7 +33,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from flux import __version__
+from flux import __version__, faults
 from flux.config import WebhooksConfig
 from flux.errors import StoreUnavailable
 from flux.metrics import DEAD_LETTERS
@@ -298,6 +298,7 @@ class WebhookOutbox:
             try:
                 async with conn.begin():
                     yield conn
+                    faults.hit("disk_full")
             finally:
                 await conn.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import random
 import shutil
 import socket
@@ -72,6 +74,8 @@ class PrivateMosquitto:
         persistent: bool = True,
         max_inflight: int = 0,
         as_embedded: bool = False,
+        users: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flux-mosq-"))
@@ -81,6 +85,10 @@ class PrivateMosquitto:
         self.max_inflight = max_inflight
         #: Run with the configuration flux gives its embedded Mosquitto (what ships).
         self.as_embedded = as_embedded
+        #: Only these users (name -> password) may connect; None: anyone, anonymously.
+        self.users = users
+        #: (certificate chain, key) files: the listener speaks TLS (mqtts://).
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -94,11 +102,19 @@ class PrivateMosquitto:
                 )
             )
         else:
+            # Our own user: started by root, Mosquitto would switch to "mosquitto", which
+            # cannot read files in this private folder.
             lines = [
+                f"user {pwd.getpwuid(os.getuid()).pw_name}",
                 f"listener {self.port} 127.0.0.1",
-                "allow_anonymous true",
                 "max_queued_messages 100000",
             ]
+            if self.tls is not None:
+                lines += [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"]
+            if self.users is None:
+                lines.append("allow_anonymous true")
+            else:
+                lines += ["allow_anonymous false", f"password_file {self._password_file()}"]
             if self.max_inflight:
                 lines.append(f"max_inflight_messages {self.max_inflight}")
             if self.persistent:
@@ -108,6 +124,13 @@ class PrivateMosquitto:
             ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_port("127.0.0.1", self.port)
+
+    def _password_file(self) -> Path:
+        path = self.dir / "passwords"
+        path.touch(mode=0o600)
+        for user, password in (self.users or {}).items():
+            subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True)
+        return path
 
     def stop(self) -> None:
         if self.process is not None:

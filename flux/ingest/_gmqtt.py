@@ -20,9 +20,10 @@ from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTCommands, MQTTv50, MQTTv311
+from gmqtt.mqtt.handler import MQTTConnectError
 
 from flux.config import MqttConfig
-from flux.errors import MqttConnectError
+from flux.errors import MqttConnectError, MqttUnreachable
 
 #: Called per PUBLISH: topic, payload, QoS, properties, packet id (None for QoS 0).
 Receiver = Callable[[str | bytes, bytes, int, dict[str, Any], int | None], None]
@@ -194,7 +195,25 @@ async def connect(
     except Exception as exc:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.disconnect(), 2)
-        raise MqttConnectError(f"cannot connect {what} {config.host}:{config.port}: {exc}") from exc
+        error = MqttUnreachable if _may_come_up(exc) else MqttConnectError
+        detail = str(exc) or type(exc).__name__
+        raise error(f"cannot connect {what} {config.host}:{config.port}: {detail}") from exc
+
+
+#: CONNACK reason codes that say the broker itself is not ready yet (3.1.1: 3; MQTT 5:
+#: server unavailable, server busy).
+_TRANSIENT_REFUSALS = frozenset({3, 0x88, 0x89})
+
+
+def _may_come_up(exc: BaseException) -> bool:
+    """Whether a failed connect may succeed later by itself: nothing listening, no route,
+    no name yet, no answer in time, a broker not ready. A refused password or an untrusted
+    certificate will not fix itself."""
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return False
+    if isinstance(exc, MQTTConnectError):
+        return bool(exc.args) and exc.args[0] in _TRANSIENT_REFUSALS
+    return isinstance(exc, OSError | TimeoutError)
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | bool:

@@ -21,6 +21,7 @@ from typing import Any, Self
 from flux.config import MqttConfig
 from flux.errors import BrokerStartError
 from flux.ingest._gmqtt import MQTTv50, MQTTv311
+from flux.net import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,6 @@ EMBEDDED_MAX_QUEUED_MESSAGES = 1_000_000
 #: its Receive Maximum. Its default of 20 lets the gateway's rule publishes have only 20
 #: unconfirmed at a time, one event-loop turn per refill.
 EMBEDDED_MAX_INFLIGHT_MESSAGES = 1_000
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback interface."""
-    return host in LOOPBACK
 
 
 async def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -231,10 +226,8 @@ class MqttBroker:
 
 
 __all__ = [
-    "LOOPBACK",
     "EmbeddedBroker",
     "MqttBroker",
     "broker_answers",
-    "is_loopback",
     "mosquitto_config",
 ]

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, Self
 
 from flux.config import MqttConfig
-from flux.errors import MqttConnectError
+from flux.errors import MqttConnectError, MqttUnreachable
 from flux.events import DeadLetter, Event, make_event
 from flux.ingest._gmqtt import IngestClient, connect
 from flux.ingest.broker import MqttBroker
@@ -43,6 +43,10 @@ HOPS_PROPERTY = "flux-hops"
 #: PUBACK (QoS 1) and PUBREC (QoS 2) with reason "success": valid in MQTT 3.1.1 and 5.
 _ACK_COMMAND = {1: 0x40, 2: 0x50}
 _ACK_PACKET = struct.Struct("!BBH")
+
+
+def _log_only(error: MqttConnectError) -> None:
+    """The default ``on_fatal``: the error is logged already; nothing more to do."""
 
 
 def _hops_from(properties: dict[str, Any]) -> int:
@@ -71,6 +75,7 @@ class MqttIngest:
         broker: MqttBroker,
         connect_timeout_s: float = 15.0,
         binary_topic: Callable[[str], bool] | None = None,
+        on_fatal: Callable[[MqttConnectError], None] = _log_only,
     ) -> None:
         self._config = config
         self._deliver = deliver
@@ -80,6 +85,8 @@ class MqttIngest:
         self._max_pending = max(max_pending, self._receive_maximum)
         self._broker = broker
         self._binary_topic = binary_topic
+        self._on_fatal = on_fatal
+        self._connector: asyncio.Task[None] | None = None
         self._messages_by_qos = [MQTT_MESSAGES.labels(qos=str(qos)) for qos in range(3)]
         self._connect_timeout_s = connect_timeout_s
         self._pending = 0
@@ -119,8 +126,23 @@ class MqttIngest:
         return [f"$share/{group}/{topic}" if group else topic for topic in self._config.topics]
 
     async def __aenter__(self) -> Self:
-        if self._client is not None:
+        if self._client is not None or self._connector is not None:
             raise RuntimeError("the MQTT ingest is already running")
+        self._set_connected(False)  # until the broker's CONNACK says otherwise
+        try:
+            await self._connect()
+        except MqttUnreachable as exc:
+            log.warning(
+                "%s; running without MQTT ingest until the broker answers (retrying up to "
+                "every %gs)",
+                exc,
+                self._config.reconnect_max_delay_s,
+            )
+            self._connector = asyncio.create_task(self._connect_until_up(), name="mqtt:connect")
+        return self
+
+    async def _connect(self) -> None:
+        """Open the persistent session once; ``MqttUnreachable`` or ``MqttConnectError``."""
         config = self._config
         client = IngestClient(
             config.client_id,
@@ -146,7 +168,24 @@ class MqttIngest:
         except MqttConnectError:
             self._client = None
             raise
-        return self
+
+    async def _connect_until_up(self) -> None:
+        """Retry the first connection with capped backoff until the broker answers; a refusal
+        that will not fix itself (credentials, TLS) goes to ``on_fatal``."""
+        try:
+            while True:
+                await asyncio.sleep(self._backoff.next())
+                try:
+                    await self._connect()
+                    return
+                except MqttUnreachable as exc:
+                    log.debug("%s; retrying", exc)
+                except MqttConnectError as exc:
+                    log.error("%s", exc)
+                    self._on_fatal(exc)
+                    return
+        finally:
+            self._connector = None
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
@@ -156,6 +195,10 @@ class MqttIngest:
         self._accepting = False
 
     async def stop(self) -> None:
+        connector = self._connector
+        if connector is not None:
+            connector.cancel()
+            await asyncio.gather(connector, return_exceptions=True)
         client, self._client = self._client, None
         if client is None:
             return

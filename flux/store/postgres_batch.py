@@ -107,6 +107,7 @@ class PostgresBatchWriter:
                     if alert_values:
                         await driver.executemany(INSERT_ALERTS, alert_values)
                     faults.hit("db_io_error")
+                    faults.hit("disk_full")
                     faults.hit("before_commit")
             except Exception as exc:
                 if isinstance(exc, DBAPIError):  # an injected fault is SQLAlchemy's already

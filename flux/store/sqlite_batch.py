@@ -210,6 +210,7 @@ class SqliteBatchWriter:
             insert_rows(conn, UPSERT_DEVICES, devices)
             insert_rows(conn, INSERT_ALERTS, alerts)
             faults.hit("db_io_error")
+            faults.hit("disk_full")
             faults.hit("before_commit")
             conn.execute("COMMIT")
         except BaseException:

@@ -16,6 +16,7 @@ cannot wedge the batch.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import sqlite3
 import time
@@ -99,6 +100,28 @@ def _dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
+#: The reasons the writer reports while it cannot write (``flux_degraded``; /ready 503).
+UNAVAILABLE = "database_unavailable"
+DISK_FULL = "disk_full"
+#: What SQLite (SQLITE_FULL), the OS (ENOSPC) and PostgreSQL (53100) say when the disk is full.
+_DISK_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk full")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed because the disk (or the database's quota) is full."""
+    for error in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if error is None:
+            continue
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if getattr(error, "sqlstate", None) == "53100":
+            return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _DISK_FULL_TEXTS)
+
+
 def _is_outage(exc: BaseException) -> bool:
     """Tell a database that is away (retry later) from one that rejects the data (never)."""
     if isinstance(
@@ -146,6 +169,7 @@ class StoreWriter:
         # Writable as far as we know: from start-up (the database was just migrated) until
         # a write fails, and again once one commits.
         self.available = False
+        self.unavailable_reason = UNAVAILABLE
         self.dead_letter_backlog = False
         self.last_error = "not started"
 
@@ -161,8 +185,8 @@ class StoreWriter:
     async def __aenter__(self) -> Self:
         if self._dead_letter_task is not None:
             raise RuntimeError("the store writer is already running")
-        self.available, self.last_error = True, ""
-        for reason in ("database_unavailable", "dead_letter_backlog"):
+        self.available, self.unavailable_reason, self.last_error = True, "", ""
+        for reason in (UNAVAILABLE, DISK_FULL, "dead_letter_backlog"):
             DEGRADED.labels(reason=reason).set(0)
         self._dead_letter_task = asyncio.create_task(
             self._dead_letter_loop(), name="store:dead-letters"
@@ -409,6 +433,7 @@ class StoreWriter:
             try:
                 async with conn.begin():
                     await work(conn)
+                    faults.hit("disk_full")
             finally:
                 await conn.close()
 
@@ -436,7 +461,8 @@ class StoreWriter:
                 if not _is_outage(exc):
                     return str(getattr(exc, "orig", exc) or exc)
                 DB_WRITE_ERRORS.inc()
-                self._set_available(False, str(exc).splitlines()[0])
+                reason = DISK_FULL if _is_disk_full(exc) else UNAVAILABLE
+                self._set_available(False, str(exc).splitlines()[0], reason)
                 delay = backoff.next()
                 log.warning("database write failed, retrying in %.2fs: %s", delay, self.last_error)
                 await asyncio.sleep(delay)
@@ -445,12 +471,22 @@ class StoreWriter:
             self._set_available(True, "")
             return None
 
-    def _set_available(self, available: bool, error: str) -> None:
+    def _set_available(self, available: bool, error: str, reason: str = UNAVAILABLE) -> None:
+        """Record whether writes commit; while they do not, ``reason`` says why
+        (``database_unavailable`` or ``disk_full``), reported as ``flux_degraded``."""
         self.last_error = error
-        if available == self.available:
+        reason = "" if available else reason
+        if available == self.available and reason == self.unavailable_reason:
             return
+        if not available and reason == DISK_FULL and self.unavailable_reason != DISK_FULL:
+            log.error(
+                "the disk holding the database is full: nothing is acknowledged until space "
+                "is freed (the broker keeps the backlog); retrying"
+            )
         self.available = available
-        DEGRADED.labels(reason="database_unavailable").set(0 if available else 1)
+        self.unavailable_reason = reason
+        for name in (UNAVAILABLE, DISK_FULL):
+            DEGRADED.labels(reason=name).set(1 if name == reason else 0)
 
     @property
     def dead_letters_queued(self) -> int:
@@ -468,4 +504,4 @@ class StoreWriter:
         )
 
 
-__all__ = ["REASON_STORE_REJECTED", "StoreWriter"]
+__all__ = ["DISK_FULL", "REASON_STORE_REJECTED", "UNAVAILABLE", "StoreWriter"]

@@ -42,6 +42,9 @@ VARIANTS: list[tuple[str, str, str, str, str]] = [
     ("negative drain", "shutdown", "drain_timeout_s", "-1", "shutdown.drain_timeout_s"),
     ("pool zero", "plugins", "pool_size", "0", "plugins.pool_size"),
     ("unknown section", "nonsense", "x", "1", "nonsense"),
+    ("open API without a token", "server", "host", "'0.0.0.0'", "server.api_token"),
+    ("token file missing", "server", "api_token_file", "'absent-token'", "server.api_token_file"),
+    ("certificate without key", "server", "tls_cert_file", "'config.toml'", "server.tls_key_file"),
 ]
 
 # (name, environment override, key path)
@@ -123,3 +126,26 @@ def _flux_run(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
         env=env,
         cwd=config.parent,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["server.port", "metrics.port"])
+def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path: Path, setting: str) -> None:
+    """A taken port stops ``flux run`` with exit code 2 and one line, before it connects."""
+    section, key = setting.split(".")
+    with socket.socket() as taken, socket.socket() as broker:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        broker.bind(("127.0.0.1", 0))
+        broker.listen(16)
+        broker.setblocking(False)
+        config = _base_config(tmp_path, broker.getsockname()[1])
+        _break(config, section, key, str(taken.getsockname()[1]))
+        process = _flux_run(config, clean_env())
+        _, stderr = process.communicate(timeout=90)
+        with pytest.raises(BlockingIOError):
+            broker.accept()  # nothing connected to the broker
+    lines = stderr.strip().splitlines()
+    assert process.returncode == EXIT_CONFIG, stderr
+    assert len(lines) == 1 and lines[0].startswith(f"flux: {setting}: cannot listen on"), stderr
+    assert "in use" in lines[0], stderr
