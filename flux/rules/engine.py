@@ -35,7 +35,7 @@ from flux.rules.compiler import (
     to_python,
 )
 from flux.rules.errors import ERROR_KINDS, RuleError, RuleRuntimeError, RuleValidationError
-from flux.rules.model import Rule, check_plugins
+from flux.rules.model import Rule, check_plugins, check_sinks
 from flux.rules.sandbox import (
     DEFAULT_INSTRUCTION_BUDGET,
     DEFAULT_MAX_STATE_DEVICES,
@@ -207,6 +207,7 @@ class RuleEngine:
         max_state_devices: int = DEFAULT_MAX_STATE_DEVICES,
         max_state_keys: int = DEFAULT_MAX_STATE_KEYS,
         known_plugins: Collection[str] | Callable[[], Collection[str]] = frozenset(),
+        known_sinks: Collection[str] | None = None,
         offload: bool = False,
         fuse: bool = True,
     ) -> None:
@@ -221,6 +222,7 @@ class RuleEngine:
             "max_state_keys": max_state_keys,
         }
         self._known_plugins = known_plugins
+        self._known_sinks = known_sinks
         self._offload = offload
         self._fuse = fuse
         self._sandbox: LuaSandbox | None = None
@@ -415,6 +417,7 @@ class RuleEngine:
             seen.add(rule.id)
             try:
                 check_plugins(rule, known)
+                check_sinks(rule, self._known_sinks)
                 item = cache.get(rule)
             except RuleError as exc:
                 errors.append(exc)
@@ -664,6 +667,7 @@ class RuleEngine:
         sandbox, _cache, _ruleset = self._require()
         known = self._known_plugins() if callable(self._known_plugins) else self._known_plugins
         check_plugins(rule, known)
+        check_sinks(rule, self._known_sinks)
         await self._call(compile_rule, sandbox, rule)
 
     async def test_rule(

@@ -33,7 +33,7 @@ async def test_no_puback_before_the_batch_is_committed(tmp_path: Path, start_gat
             session = await _first_session(fake)
             db = tmp_path / "flux.db"
             errors_before = DB_WRITE_ERRORS._value.get()
-            with sqlite_write_lock(db):
+            async with sqlite_write_lock(db):
                 session.publish(f"devices/{dev}/telemetry", b'{"seq": 1}', packet_id=1)
                 # The writer has tried to commit and been refused at least once.
                 await wait_until(
@@ -73,7 +73,7 @@ async def test_no_stale_puback_after_a_reconnect(tmp_path: Path, start_gateway: 
             first = await _first_session(fake)
             db = tmp_path / "flux.db"
             stale_before = MQTT_STALE_ACKS._value.get()
-            with sqlite_write_lock(db):
+            async with sqlite_write_lock(db):
                 first.publish(topic, b'{"seq": 7}', packet_id=7)
                 assert gateway.mqtt is not None
                 mqtt = gateway.mqtt
