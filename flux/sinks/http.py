@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Self
 
 from flux import __version__
@@ -35,6 +36,9 @@ class HttpTransport:
     @property
     def window(self) -> int:
         return self._config.batch_size
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Nothing to report: a request either works or raises."""
 
     async def __aenter__(self) -> Self:
         import httpx  # here, not at import: memory a gateway without HTTP sinks never needs

@@ -54,7 +54,9 @@ class Sink(Protocol):
     backlog_rows: int
     backlog_bytes: int
     sent: int
-    last_error: str
+
+    @property
+    def error(self) -> str: ...
 
     @property
     def full(self) -> bool: ...
@@ -318,7 +320,7 @@ class Sinks:
             "paused": sink.paused,
             "sending": sink.leased,
             "full": sink.full,
-            "last_error": sink.last_error,
+            "last_error": sink.error,
         }
 
     def pause(self, name: str) -> dict[str, Any]:

@@ -126,6 +126,8 @@ class MqttSession:
         self._hops_properties: dict[int, bytes] = {}
         self._refusals_logged = False
         self.last_error = ""
+        #: Called when the session connects or loses its connection (the sink sends again).
+        self.on_change: Callable[[], None] = _noop
 
     @property
     def pending(self) -> int:
@@ -143,7 +145,15 @@ class MqttSession:
 
     async def __aenter__(self) -> Self:
         self._connected_gauge.set(0)
-        return self  # the session opens on the first publish: most gateways never publish
+        self._connect()
+        return self
+
+    def _connect(self) -> None:
+        """Open the session in the background (retrying until the broker answers)."""
+        if self._client is None and self._connector is None and not self._closed:
+            self._connector = asyncio.create_task(
+                self._connect_loop(), name=f"sink:{self.name}:connect"
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
@@ -185,10 +195,7 @@ class MqttSession:
                 confirm,
             )
         )
-        if self._client is None and self._connector is None:
-            self._connector = asyncio.create_task(
-                self._connect_loop(), name=f"sink:{self.name}:connect"
-            )
+        self._connect()
         self._schedule_flush()
 
     def _properties(self, hops: int, event_id: str | None) -> bytes:
@@ -246,6 +253,8 @@ class MqttSession:
             return
         self._connected = connected
         self._connected_gauge.set(1 if connected else 0)
+        self.last_error = "" if connected else "the connection to the broker was lost"
+        self.on_change()
         if connected and self._client is not None:
             self._window = self._client.receive_maximum() or DEFAULT_WINDOW
             self._schedule_flush()
@@ -343,7 +352,12 @@ class MqttTransport:
 
     @property
     def window(self) -> int:
-        return self._window
+        """Rows the sink may hand over: none while the session is down (they stay the
+        sink's, so ``drop_oldest`` may still drop them), else as many as are pipelined."""
+        return self._window if self.session.connected else 0
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self.session.on_change = callback
 
     @property
     def connected(self) -> bool:

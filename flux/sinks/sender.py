@@ -53,6 +53,10 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called when the transport's window or connection changes."""
+        ...
+
     @property
     def last_error(self) -> str: ...
 
@@ -119,8 +123,13 @@ class OrderedSink:
     async def __aenter__(self) -> Self:
         if self._tasks:
             raise RuntimeError(f"sink {self.name} is already running")
+        self.transport.on_change(self._wake.set)
         await self.transport.__aenter__()
         self._connected_gauge.set(0)
+        try:
+            await self._resync()  # before any row of this run is committed
+        except Exception as exc:
+            log.warning("sink %s: cannot read its backlog yet: %s", self.name, exc)
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name=f"sink:{self.name}:lease"),
             asyncio.create_task(self._send_loop(), name=f"sink:{self.name}:send"),
@@ -196,6 +205,11 @@ class OrderedSink:
             return 0.0
         return max(0.0, time.time() - row_created_at(min(candidates)))
 
+    @property
+    def error(self) -> str:
+        """The last failure to reach the receiver, while it lasts ("" once a send works)."""
+        return self.last_error or self.transport.last_error
+
     def send_rate(self) -> float:
         """Rows confirmed per second over the last minute."""
         if len(self._sent_at) < 2:
@@ -219,8 +233,8 @@ class OrderedSink:
                 leased = await self._reader.take_lease(
                     self.name, owner=self._owner, ttl_s=LEASE_TTL_S
                 )
-                if leased and (not self.leased or self._shared):
-                    await self._resync()
+                if leased and self._shared:
+                    await self._resync()  # other processes add rows too
                 if leased != self.leased:
                     self.leased = leased
                     who = "this process sends" if leased else "another process sends"

@@ -269,6 +269,10 @@ class WebhookSink:
     def send_rate(self) -> float:
         return 0.0
 
+    @property
+    def error(self) -> str:
+        return self.last_error
+
     def pause(self) -> None:
         """Stop starting deliveries (rows keep coming in and wait)."""
         self.paused = True
