@@ -412,7 +412,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
 
 def _first_error(exc: ValidationError) -> ConfigError:
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "sinks" and loc[2] in ("mqtt", "http"):
+        del loc[2]  # the union's tag, not a key of the file
+    key = ".".join(str(part) for part in loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"

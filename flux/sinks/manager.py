@@ -341,31 +341,34 @@ class Sinks:
 
     def degraded(self) -> dict[str, str]:
         """``sink_backlog`` while a sink's oldest row waits longer than its ``alert_after_s``."""
-        if not self._backlogged:
+        late = self._late()
+        if not late:
             return {}
         return {
             "sink_backlog": ", ".join(
-                f"{name} (oldest {self._sinks[name].oldest_age_s():.0f}s)"
-                for name in sorted(self._backlogged)
+                f"{name} (oldest {age:.0f}s)" for name, age in sorted(late.items())
             )
         }
 
+    def _late(self) -> dict[str, float]:
+        """The sinks whose oldest row is older than their ``alert_after_s``, with its age."""
+        ages = {name: sink.oldest_age_s() for name, sink in self._sinks.items()}
+        return {name: age for name, age in ages.items() if age > self._alert_after_s(name)}
+
     async def _watch(self) -> None:
+        """Refresh the backlog gauges and ``flux_degraded{reason="sink_backlog"}``."""
         gauge = DEGRADED.labels(reason="sink_backlog")
         while True:
-            backlogged: set[str] = set()
             for name, sink in self._sinks.items():
-                age = sink.oldest_age_s()
                 SINK_BACKLOG.labels(sink=name).set(sink.backlog_rows)
                 SINK_BACKLOG_BYTES.labels(sink=name).set(sink.backlog_bytes)
-                SINK_OLDEST_AGE.labels(sink=name).set(age)
-                if age > self._alert_after_s(name):
-                    backlogged.add(name)
-            if backlogged != self._backlogged:
-                for name in backlogged - self._backlogged:
+                SINK_OLDEST_AGE.labels(sink=name).set(sink.oldest_age_s())
+            late = set(self._late())
+            if late != self._backlogged:
+                for name in late - self._backlogged:
                     log.warning("sink %s is falling behind: its oldest row waits", name)
-                self._backlogged = backlogged
-                gauge.set(1 if backlogged else 0)
+                self._backlogged = late
+                gauge.set(1 if late else 0)
             await asyncio.sleep(MONITOR_S)
 
     def _alert_after_s(self, name: str) -> float:

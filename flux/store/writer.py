@@ -62,8 +62,9 @@ REASON_STORE_REJECTED = "store_rejected"
 #: How long queued alert and outbox rows wait for an event batch to take them along before
 #: they are committed on their own.
 RIDERS_ALONE_AFTER_S = 0.005
-#: The same for deletions of delivered outbox rows alone (nobody waits for those).
-DELETES_ALONE_AFTER_S = 0.05
+#: The same for deletions of delivered outbox rows alone (nobody waits for those, but a crash
+#: before they commit sends those rows again).
+DELETES_ALONE_AFTER_S = 0.01
 _DEAD_LETTER_BATCH = 256
 _DEAD_LETTER_QUEUE = 1024
 #: ``dead_letter_backlog`` above this many queued dead letters, cleared below the low mark.

@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import make_settings
 from tests.faults._harness import Db, SeqDevice
-from tests.sinks.conftest import Upstream, UpstreamListener, first_arrivals_in_order
 from tests.support import unique, wait_until
+from tests.upstream import Upstream, UpstreamListener, first_arrivals_in_order
 
 pytestmark = pytest.mark.slow
 

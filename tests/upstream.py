@@ -1,5 +1,6 @@
 """An upstream broker for the sink tests: a private Mosquitto with TLS and a password, and a
-subscriber that records what arrives there (MQTT 5, with the event id property)."""
+subscriber that records what arrives there (MQTT 5, with the event id property). The
+``upstream`` fixture (``tests/conftest.py``) makes one per test."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class Upstream:
         }
 
 
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[Upstream]:
+def upstream_broker(tmp_path: Path) -> Iterator[Upstream]:
+    """Start a private upstream broker with its own CA; stop it when done."""
     if not mosquitto_available():
         pytest.skip("mosquitto is not on PATH; the sink tests need a private upstream broker")
     ca = trustme.CA()
