@@ -15,7 +15,7 @@ from flux.rules import (
     RuleTimeout,
     RuleValidationError,
 )
-from flux.rules.compiler import GROUP_SIZE
+from flux.rules.ruleset import GROUP_SIZE
 from flux.rules.sandbox import LuaSandbox
 
 from .conftest import make_event
