@@ -191,11 +191,7 @@ class RuleStats:
     def _status(
         self, rule_id: str, status: Status, rule: Rule | None, consecutive: int
     ) -> RuleStatus:
-        counters = self._counters.get(rule_id)
-        if counters is None:
-            return RuleStatus(
-                id=rule_id, status=status, rule=rule, consecutive_failures=consecutive
-            )
+        counters = self._counters.get(rule_id) or _Counters(evaluated=None, matched=None)
         last = counters.last_error
         return RuleStatus(
             id=rule_id,
