@@ -46,7 +46,7 @@ from flux.store.schema import dead_letters, webhook_outbox
 if TYPE_CHECKING:
     import httpx
 
-    from flux.rules.engine import RuleMatch
+    from flux.rules.batch import RuleMatch
 
 log = logging.getLogger(__name__)
 
