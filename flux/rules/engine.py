@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from flux.coalesce import Coalescer
+from flux.config import RulesConfig
 from flux.errors import NotReady
 from flux.events import Event
 from flux.rules import metrics
@@ -166,6 +167,22 @@ class RuleEngine:
         self._reloads: Coalescer[ReloadReport] = Coalescer()
         self._pending_source: RuleSource | None = None
         self._stats = RuleStats()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RulesConfig,
+        *,
+        known_plugins: Collection[str] | Callable[[], Collection[str]] = frozenset(),
+    ) -> RuleEngine:
+        """An engine with the configured quarantine threshold and Lua limits."""
+        return cls(
+            quarantine_after=config.quarantine_after,
+            instruction_budget=config.instruction_budget,
+            memory_limit=config.memory_limit_mb * 1024 * 1024,
+            time_limit_s=config.time_limit_s,
+            known_plugins=known_plugins,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
