@@ -93,13 +93,8 @@ class Gateway:
         self.bus = EventBus.from_config(settings.eventbus)
         self.plugins = PluginManager.from_config(settings.plugins)
         rules = settings.rules
-        self.rules = RuleEngine(
-            quarantine_after=rules.quarantine_after,
-            instruction_budget=rules.instruction_budget,
-            memory_limit=rules.memory_limit_mb * 1024 * 1024,
-            time_limit_s=rules.time_limit_s,
-            known_plugins=self.plugins.names,
-            known_sinks=self.sinks.names,
+        self.rules = RuleEngine.from_config(
+            rules, known_plugins=self.plugins.names, known_sinks=self.sinks.names
         )
         self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
         self.pipeline = Pipeline(

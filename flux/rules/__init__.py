@@ -9,14 +9,8 @@ from flux.rules.actions import (
     publish_message,
     webhook_request,
 )
-from flux.rules.engine import (
-    ReloadReport,
-    RuleEngine,
-    RuleFailure,
-    RuleMatch,
-    RuleStatus,
-    RuleTestResult,
-)
+from flux.rules.batch import RuleFailure, RuleMatch
+from flux.rules.engine import ReloadReport, RuleEngine
 from flux.rules.errors import (
     RuleCompileError,
     RuleError,
@@ -41,6 +35,8 @@ from flux.rules.model import (
     parse_rule,
 )
 from flux.rules.sandbox import LuaSandbox
+from flux.rules.stats import RuleStatus
+from flux.rules.testing import RuleTestResult
 from flux.rules.tools import (
     ValidationReport,
     run_rule_test,

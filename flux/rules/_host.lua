@@ -1,7 +1,8 @@
 -- flux rules host: loaded once per LuaRuntime with the full standard library, before any rule.
 -- Captures what the host needs, hardens the shared string metatable, builds the read-only
 -- environment rules run in, and returns the host API (compile, run, state helpers).
-local TICK, BUDGET, TIME_LIMIT, MAX_DEVICES, MAX_KEYS, MAX_STATE_STRING, MAX_PATTERN = ...
+local TICK, BUDGET, TIME_LIMIT, MAX_DEVICES, MAX_KEYS, MAX_STATE_STRING, MAX_PATTERN, RULE_CODE,
+      METER_SHIFT = ...
 
 local debug_sethook, debug_getinfo, debug_setmetatable = debug.sethook, debug.getinfo, debug.setmetatable
 local pcall, error, type, setmetatable, getmetatable, next, pairs, ipairs, select =
@@ -23,11 +24,10 @@ local HOST = "=flux-host"
 -- Budget: instructions (count hook every TICK instructions) plus charged work for C calls,
 -- and a CPU-time check once a rule has run long enough to matter.
 ---------------------------------------------------------------------------------------------
--- B[1] = rule index * SHIFT + units used by the current evaluation: one write per rule both
--- resets the budget and records which rule runs. B[2..5] remember when a slow evaluation
--- started (rule base, event index, batch serial, CPU clock).
-local SHIFT = 1 << 40
-local B = {0, false, false, false, 0}
+-- METER[1] = rule index * METER_SHIFT + units used by the current evaluation: one write per
+-- rule both resets the budget and records which rule runs. METER[2..5] remember when a slow
+-- evaluation started (rule base, event index, batch serial, CPU clock).
+local METER = {0, false, false, false, 0}
 local POS = {0, 0}              -- [1] event index being evaluated
 local SITE = {false, false}     -- source and line where the budget ran out
 local SERIAL = {0}
@@ -49,15 +49,15 @@ local function where()
 end
 
 local function hook()
-  local used = B[1] + TICK
-  B[1] = used
-  local spent = used % SHIFT
+  local used = METER[1] + TICK
+  METER[1] = used
+  local spent = used % METER_SHIFT
   if spent > BUDGET then where(); error(BUDGET_ERR, 0) end
   if spent >= SLOW then
     local base = used - spent
-    if B[2] ~= base or B[3] ~= POS[1] or B[4] ~= SERIAL[1] then
-      B[2], B[3], B[4], B[5] = base, POS[1], SERIAL[1], clock()
-    elseif clock() - B[5] > TIME_LIMIT then
+    if METER[2] ~= base or METER[3] ~= POS[1] or METER[4] ~= SERIAL[1] then
+      METER[2], METER[3], METER[4], METER[5] = base, POS[1], SERIAL[1], clock()
+    elseif clock() - METER[5] > TIME_LIMIT then
       where(); error(TIME_ERR, 0)
     end
   end
@@ -65,9 +65,9 @@ end
 
 local function charge(units)
   if units > BUDGET then where(); error(BUDGET_ERR, 0) end
-  local used = B[1] + m_floor(units)
-  B[1] = used
-  if used % SHIFT > BUDGET then where(); error(BUDGET_ERR, 0) end
+  local used = METER[1] + m_floor(units)
+  METER[1] = used
+  if used % METER_SHIFT > BUDGET then where(); error(BUDGET_ERR, 0) end
 end
 
 ---------------------------------------------------------------------------------------------
@@ -333,37 +333,38 @@ local function compile(source, chunkname)
 end
 
 -- A fused group chunk gets the internals it needs as chunk arguments.
-local function instantiate(chunk, S, M)
-  return chunk(V, VMT, MSGMT, B, POS, state_for, S, M, type, E)
+local function instantiate(chunk, functions, masks)
+  return chunk(V, VMT, MSGMT, METER, POS, state_for, functions, masks, type, E)
 end
 
 -- The slow generic group: calls each rule's standalone function (fallback and benchmark).
-local function generic_group(S, M, lo, hi, ids, uses_state, is_when)
-  return function(batch, n, i0, codes, outs)
-    local nm = #codes
-    for i = i0, n do
-      local b = (i - 1) * 5
-      local p = batch[b + 1]
-      local dev = batch[b + 3]
-      VMT.__index = p; MSGMT.__index = p
-      V.topic = batch[b + 2]; V.device_id = dev; V.received_at = batch[b + 4]
-      local m = M[batch[b + 5]]
+-- A batch is 5 values per event: payload, topic, device id, received_at, plan id.
+local function generic_group(functions, masks, first, last, ids, uses_state, is_when)
+  return function(batch, n, from, codes, outputs)
+    local matched = #codes
+    for i = from, n do
+      local base = (i - 1) * 5
+      local payload = batch[base + 1]
+      local device = batch[base + 3]
+      VMT.__index = payload; MSGMT.__index = payload
+      V.topic = batch[base + 2]; V.device_id = device; V.received_at = batch[base + 4]
+      local mask = masks[batch[base + 5]]
       POS[1] = i
-      for k = lo, hi do
-        if m[k] then
-          B[1] = k * SHIFT
-          if uses_state[k] then V.state = state_for(ids[k], dev) end
-          local v = S[k]()
+      for rule = first, last do
+        if mask[rule] then
+          METER[1] = rule * METER_SHIFT
+          if uses_state[rule] then V.state = state_for(ids[rule], device) end
+          local value = functions[rule]()
           V.state = nil
-          if v then
-            nm = nm + 1
-            codes[nm] = i * 1048576 + k
-            if not is_when[k] and type(v) == "table" then outs[nm] = v end
+          if value then
+            matched = matched + 1
+            codes[matched] = i * RULE_CODE + rule
+            if not is_when[rule] and type(value) == "table" then outputs[matched] = value end
           end
         end
       end
     end
-    return nm
+    return matched
   end
 end
 
@@ -383,14 +384,18 @@ local function clear_event()
   V.topic = nil; V.device_id = nil; V.received_at = nil; V.state = nil
 end
 
-local function run(rs, batch, n, used_plans)
-  local codes, outs, errs, undef, newq, last = {}, {}, {}, {}, {}, {}
-  local ne = 0
-  local S, M, F, QN, ids, uses_state, is_when = rs.S, rs.M, rs.F, rs.QN, rs.ids, rs.uses_state, rs.is_when
+-- Returns, per match, its code (event position * RULE_CODE + rule index) and a script's output
+-- table; the failures (6 values each: event position, rule index, kind, message, source, line);
+-- per rule, how many when-conditions met an undefined value; the rules quarantined just now.
+local function run(ruleset, batch, n, used_plans)
+  local codes, outputs, failures, undefined, quarantined, last_failed = {}, {}, {}, {}, {}, {}
+  local functions, masks, consecutive = ruleset.functions, ruleset.masks, ruleset.consecutive
+  local quarantine_after, ids = ruleset.quarantine_after, ruleset.ids
+  local uses_state, is_when = ruleset.uses_state, ruleset.is_when
 
-  local function applicable(j, k) return M[batch[(j - 1) * 5 + 5]][k] end
+  local function applicable(i, rule) return masks[batch[(i - 1) * 5 + 5]][rule] end
 
-  local function failed(i, k, err)
+  local function failed(i, rule, err)
     local kind, msg, src, line = "runtime", nil, false, false
     if err == BUDGET_ERR then
       kind, msg, src, line = "timeout", "instruction budget exhausted", SITE[1], SITE[2]
@@ -402,58 +407,57 @@ local function run(rs, batch, n, used_plans)
     else
       msg = "error object is a " .. type(err) .. " value"
     end
-    if kind == "runtime" and is_when[k] and is_undefined(msg) then
-      undef[k] = (undef[k] or 0) + 1
+    if kind == "runtime" and is_when[rule] and is_undefined(msg) then
+      undefined[rule] = (undefined[rule] or 0) + 1
       return
     end
-    for j = (last[k] or 0) + 1, i - 1 do
-      if applicable(j, k) then F[k] = 0; break end
+    for j = (last_failed[rule] or 0) + 1, i - 1 do
+      if applicable(j, rule) then consecutive[rule] = 0; break end
     end
-    last[k] = i
-    F[k] = F[k] + 1
-    errs[ne + 1], errs[ne + 2], errs[ne + 3], errs[ne + 4], errs[ne + 5], errs[ne + 6] =
-      i, k, kind, msg, src, line
-    ne = ne + 6
-    if F[k] >= QN then
-      for _, mask in pairs(M) do mask[k] = false end
-      newq[#newq + 1] = k
+    last_failed[rule] = i
+    consecutive[rule] = consecutive[rule] + 1
+    local at = #failures
+    failures[at + 1], failures[at + 2], failures[at + 3] = i, rule, kind
+    failures[at + 4], failures[at + 5], failures[at + 6] = msg, src, line
+    if consecutive[rule] >= quarantine_after then
+      for _, mask in pairs(masks) do mask[rule] = false end
+      quarantined[#quarantined + 1] = rule
     end
   end
 
   SERIAL[1] = SERIAL[1] + 1
-  B[1] = 0
+  METER[1] = 0
   debug_sethook(hook, "", TICK)
-  local groups = rs.groups
+  local groups = ruleset.groups
   for g = 1, #groups do
     local group = groups[g]
-    local fn, hi = group[1], group[3]
-    local i0 = 1
-    while i0 <= n do
-      local ok, err = pcall(fn, batch, n, i0, codes, outs)
-      local i, k = POS[1], B[1] // SHIFT
-      B[1] = 0
+    local fn, last = group[1], group[3]
+    local from = 1
+    while from <= n do
+      local ok, err = pcall(fn, batch, n, from, codes, outputs)
+      local i, rule = POS[1], METER[1] // METER_SHIFT
+      METER[1] = 0
       if ok then break end
       V.state = nil
-      failed(i, k, err)
-      local b = (i - 1) * 5
-      local dev = batch[b + 3]
-      for k2 = k + 1, hi do
-        if applicable(i, k2) then
-          B[1] = k2 * SHIFT
-          if uses_state[k2] then V.state = state_for(ids[k2], dev) end
-          local ok2, v = pcall(S[k2])
-          B[1] = 0
+      failed(i, rule, err)
+      local device = batch[(i - 1) * 5 + 3]
+      for later = rule + 1, last do
+        if applicable(i, later) then
+          METER[1] = later * METER_SHIFT
+          if uses_state[later] then V.state = state_for(ids[later], device) end
+          local ok2, value = pcall(functions[later])
+          METER[1] = 0
           V.state = nil
           if not ok2 then
-            failed(i, k2, v)
-          elseif v then
-            local nm = #codes + 1
-            codes[nm] = i * 1048576 + k2
-            if not is_when[k2] and type(v) == "table" then outs[nm] = v end
+            failed(i, later, value)
+          elseif value then
+            local matched = #codes + 1
+            codes[matched] = i * RULE_CODE + later
+            if not is_when[later] and type(value) == "table" then outputs[matched] = value end
           end
         end
       end
-      i0 = i + 1
+      from = i + 1
     end
   end
   debug_sethook()
@@ -462,21 +466,21 @@ local function run(rs, batch, n, used_plans)
   -- A rule with an evaluation after its last failure in this batch is no longer failing.
   local seen = {}
   for u = 1, #used_plans do
-    for k, on in pairs(M[used_plans[u]]) do
-      if not seen[k] then
-        seen[k] = true
-        local from = last[k]
+    for rule, on in pairs(masks[used_plans[u]]) do
+      if not seen[rule] then
+        seen[rule] = true
+        local from = last_failed[rule]
         if from == nil then
-          if on then F[k] = 0 end
+          if on then consecutive[rule] = 0 end
         else
           for j = from + 1, n do
-            if applicable(j, k) then F[k] = 0; break end
+            if applicable(j, rule) then consecutive[rule] = 0; break end
           end
         end
       end
     end
   end
-  return codes, outs, errs, ne, undef, newq
+  return codes, outputs, failures, undefined, quarantined
 end
 
 local function memory_kib() return collectgarbage("count") end

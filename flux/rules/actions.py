@@ -22,7 +22,7 @@ from typing import Any
 
 from flux.events import Event, PublishMessage, derive_event, json_bytes
 from flux.rules import metrics
-from flux.rules.engine import RuleMatch
+from flux.rules.batch import RuleMatch
 from flux.rules.model import (
     Action,
     AlertAction,

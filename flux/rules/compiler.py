@@ -1,48 +1,43 @@
-"""Compile rules once per (id, version, source hash) and fuse a ruleset into batch functions.
+"""Compile each rule once per (id, version, source hash) into its own Lua function.
 
-Each rule is first loaded on its own (``load(src, "=<id>", "t", env)``): that is the syntax
-check, gives Lua line numbers in the rule's own source, and is the function used when a rule
-runs by itself (after another rule failed on the same event, and by ``test_rule``).
-
-A ruleset is then fused: the ``when`` expressions of up to ``GROUP_SIZE`` rules are inlined in
-one generated Lua function that loops over the whole batch (one Python->Lua call per group per
-batch). Inlining is safe because each expression was proven to parse alone between ``(`` and
-``\\n)``, so it is one expression in both places, and every internal local of the generated
-function (all named ``__fx_*``) plus ``_ENV`` is shadowed around each expression, so a rule
-cannot see or change another rule's data or the budget. ``script`` rules are called as their own
-function from the fused loop. Measured (10 rules): fused 0.57 us/event against 1.9 us/event
-calling one protected function per rule, with the count hook on.
+Loading a rule on its own (``load(src, "=<id>", "t", env)``) is its syntax check, gives Lua
+line numbers in the rule's own source, and yields the function used when a rule runs by itself
+(after another rule failed on the same event, and when a rule is tested alone).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from flux.rules.errors import RuleCompileError
-from flux.rules.model import Rule
+from flux.rules.errors import RuleCompileError, RuleError, RuleValidationError
+from flux.rules.model import Rule, check_plugins, check_sinks
 from flux.rules.sandbox import LuaSandbox
-from flux.topics import TopicMatcher
 
-#: Rules inlined in one generated Lua function.
-GROUP_SIZE = 200
-#: Matches are reported as ``event_index * RULE_CODE + rule_index`` (so at most 2**20 rules).
-RULE_CODE = 1 << 20
+#: ``Rule.compile_key``: id, version and a hash of the Lua source.
+CompileKey = tuple[str, int, str]
+
 _PREFIX = "local _ENV = _ENV; "
-_CHUNK_ARGS = (
-    "__fx_V, __fx_VMT, __fx_MSGMT, __fx_B, __fx_POS, __fx_state, __fx_S, __fx_M, __fx_type, __fx_E"
-)
-_PARAMS = "__fx_batch, __fx_n, __fx_i0, __fx_codes, __fx_outs"
-_LOOP_LOCALS = "__fx_nm, __fx_i, __fx_b, __fx_p, __fx_dev, __fx_m"
-_SHADOW = f"_ENV, {_CHUNK_ARGS}, {_PARAMS}, {_LOOP_LOCALS}"
 _MESSAGE = re.compile(r"^(?P<chunk>[^\n:]*):(?P<line>\d+): (?P<text>.*)$", re.DOTALL)
 
 
-def _group_chunkname(version: int, group: int) -> str:
-    return f"__fx_ruleset{version}_{group}"
+class Location(NamedTuple):
+    """A Lua error message split into its chunk name, line number and text."""
+
+    chunk: str | None
+    line: int | None
+    text: str
+
+
+def locate(message: str) -> Location:
+    """Split ``"<chunk>:<line>: text"``; a message without that prefix is all text."""
+    found = _MESSAGE.match(message)
+    if not found:
+        return Location(None, None, message)
+    return Location(found.group("chunk"), int(found.group("line")), found.group("text"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +49,6 @@ class CompiledRule:
     compile_seconds: float
 
 
-def locate(message: str) -> tuple[str, int | None]:
-    """Split ``"<chunk>:<line>: text"`` into the text and the line number."""
-    found = _MESSAGE.match(message)
-    if not found:
-        return message, None
-    return found.group("text"), int(found.group("line"))
-
-
 def compile_rule(sandbox: LuaSandbox, rule: Rule) -> CompiledRule:
     """Load ``rule`` alone; raise ``RuleCompileError`` with the line in its ``when``/``script``."""
     started = time.perf_counter()
@@ -70,23 +57,41 @@ def compile_rule(sandbox: LuaSandbox, rule: Rule) -> CompiledRule:
     fn, err = sandbox.compile(source, "=" + rule.id)
     elapsed = time.perf_counter() - started
     if fn is None:
-        text, line = locate(err or "compile error")
-        last = rule.source.count("\n") + 1
-        if line is not None:
-            line = min(line, last)
-        file_line = (
-            rule.origin_line + line - 1
-            if rule.origin_line is not None and line is not None
-            else None
-        )
-        raise RuleCompileError(
-            f"{rule.kind} does not compile: {text}",
-            rule_id=rule.id,
-            line=line,
-            file=rule.origin,
-            file_line=file_line,
-        )
+        raise _compile_error(rule, err or "compile error")
     return CompiledRule(rule=rule, fn=fn, compile_seconds=elapsed)
+
+
+def _compile_error(rule: Rule, message: str) -> RuleCompileError:
+    """Name the line of the rule's source, and of its file when it came from one."""
+    _chunk, line, text = locate(message)
+    if line is not None:
+        line = min(line, rule.source.count("\n") + 1)
+    file_line = (
+        rule.origin_line + line - 1 if rule.origin_line is not None and line is not None else None
+    )
+    return RuleCompileError(
+        f"{rule.kind} does not compile: {text}",
+        rule_id=rule.id,
+        line=line,
+        file=rule.origin,
+        file_line=file_line,
+    )
+
+
+def validate_rule(
+    sandbox: LuaSandbox,
+    rule: Rule,
+    known_plugins: Collection[str] | None,
+    known_sinks: Collection[str] | None = None,
+) -> None:
+    """Raise ``RuleValidationError``/``RuleCompileError`` if ``rule`` cannot go live.
+
+    ``known_plugins=None`` leaves plugin actions unchecked, ``known_sinks=None`` forwards.
+    """
+    if known_plugins is not None:
+        check_plugins(rule, known_plugins)
+    check_sinks(rule, known_sinks)
+    compile_rule(sandbox, rule)
 
 
 class CompileCache:
@@ -94,7 +99,7 @@ class CompileCache:
 
     def __init__(self, sandbox: LuaSandbox) -> None:
         self._sandbox = sandbox
-        self._cache: dict[tuple[str, int, str], CompiledRule] = {}
+        self._cache: dict[CompileKey, CompiledRule] = {}
         self.hits = 0
         self.misses = 0
 
@@ -115,240 +120,73 @@ class CompileCache:
         self._cache[key] = compiled
         return compiled
 
-    def retain(self, keys: Iterable[tuple[str, int, str]]) -> None:
+    def retain(self, keys: Iterable[CompileKey]) -> None:
         """Forget every compiled rule whose key is not in ``keys``."""
         keep = set(keys)
-        for key in [k for k in self._cache if k not in keep]:
+        for key in [key for key in self._cache if key not in keep]:
             del self._cache[key]
 
 
-def _generate_group(
-    rules: Sequence[tuple[int, Rule]], state_prefix: str = ""
-) -> tuple[str, dict[int, int]]:
-    """Return the Lua source of one fused group and, per rule index, its expression's first line."""
-    out: list[str] = []
-    starts: dict[int, int] = {}
-    line = 1
+@dataclass(frozen=True, slots=True)
+class CompiledRules:
+    """A rule set through the cache: what goes live, what is disabled, what was left out."""
 
-    def emit(text: str) -> None:
-        nonlocal line
-        out.append(text)
-        line += text.count("\n") + 1
+    compiled: list[CompiledRule]
+    disabled: list[Rule]
+    errors: list[RuleError]
+    fresh: int
+    reused: int
 
-    for text in (
-        f"local {_CHUNK_ARGS} = ...",
-        f"return function({_PARAMS}, ...)",
-        "local __fx_nm = #__fx_codes",
-        "for __fx_i = __fx_i0, __fx_n do",
-        "local __fx_b = (__fx_i - 1) * 5",
-        "local __fx_p = __fx_batch[__fx_b + 1]",
-        "local __fx_dev = __fx_batch[__fx_b + 3]",
-        "__fx_VMT.__index = __fx_p; __fx_MSGMT.__index = __fx_p",
-        "__fx_V.topic = __fx_batch[__fx_b + 2]; __fx_V.device_id = __fx_dev; "
-        "__fx_V.received_at = __fx_batch[__fx_b + 4]",
-        "local __fx_m = __fx_M[__fx_batch[__fx_b + 5]]",
-        "__fx_POS[1] = __fx_i",
-    ):
-        emit(text)
-    for k, rule in rules:
-        emit(f"if __fx_m[{k}] then")
-        emit(f"__fx_B[1] = {k << 40}")
-        if rule.uses_state:
-            emit(f'__fx_V.state = __fx_state("{state_prefix}{rule.id}", __fx_dev)')
-        if rule.when is not None:
-            emit("local __fx_v")
-            emit(f"do local {_SHADOW} = __fx_E")
-            starts[k] = line
-            emit(f"__fx_v = ({rule.when}\n)")
-            emit("end")
+    def keys(self) -> list[CompileKey]:
+        """Return the compile keys of every rule kept, live or disabled."""
+        return [c.rule.compile_key for c in self.compiled] + [r.compile_key for r in self.disabled]
+
+
+def compile_rules(
+    cache: CompileCache,
+    rules: Sequence[Rule],
+    known_plugins: Collection[str],
+    known_sinks: Collection[str] | None = None,
+) -> CompiledRules:
+    """Check and compile ``rules``; a duplicate id or a bad rule is an error, the rest are kept."""
+    hits, misses = cache.hits, cache.misses
+    compiled: list[CompiledRule] = []
+    disabled: list[Rule] = []
+    errors: list[RuleError] = []
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.id in seen:
+            errors.append(RuleValidationError(f"duplicate rule id {rule.id!r}", rule_id=rule.id))
+            continue
+        seen.add(rule.id)
+        try:
+            check_plugins(rule, known_plugins)
+            check_sinks(rule, known_sinks)
+            item = cache.get(rule)
+        except RuleError as exc:
+            errors.append(exc)
+            continue
+        if rule.enabled:
+            compiled.append(item)
         else:
-            emit(f"local __fx_v = __fx_S[{k}]()")
-        if rule.uses_state:
-            emit("__fx_V.state = nil")
-        emit("if __fx_v then __fx_nm = __fx_nm + 1")
-        emit(f"__fx_codes[__fx_nm] = __fx_i * {RULE_CODE} + {k}")
-        if rule.script is not None:
-            emit('if __fx_type(__fx_v) == "table" then __fx_outs[__fx_nm] = __fx_v end')
-        emit("end")
-        emit("end")
-    for text in ("end", "return __fx_nm", "end"):
-        emit(text)
-    return "\n".join(out), starts
+            disabled.append(rule)
+    return CompiledRules(
+        compiled=compiled,
+        disabled=disabled,
+        errors=errors,
+        fresh=cache.misses - misses,
+        reused=cache.hits - hits,
+    )
 
 
-@dataclass(slots=True)
-class Group:
-    """One fused Lua function covering rule indices ``lo..hi`` (1-based, inclusive)."""
-
-    chunkname: str
-    lo: int
-    hi: int
-    fused: bool
-    starts: dict[int, int] = field(default_factory=dict)
-
-
-class Ruleset:
-    """One version of the compiled rules, the snapshot each batch is evaluated against.
-
-    Its rules never change; evaluation changes only the per-topic plan cache, the Lua masks
-    (a quarantined rule is masked out) and the consecutive-failure counters.
-    """
-
-    def __init__(
-        self,
-        *,
-        sandbox: LuaSandbox,
-        version: int,
-        compiled: Sequence[CompiledRule],
-        quarantine_after: int,
-        quarantined: Iterable[str] = (),
-        fuse: bool = True,
-        state_prefix: str = "",
-    ) -> None:
-        self.sandbox = sandbox
-        self.version = version
-        self.compiled = tuple(compiled)
-        self.rules = tuple(c.rule for c in self.compiled)
-        self.has_scripts = any(rule.script is not None for rule in self.rules)
-        self.index = {rule.id: k for k, rule in enumerate(self.rules, start=1)}
-        self.quarantined: set[int] = {self.index[i] for i in quarantined if i in self.index}
-        self.matcher = TopicMatcher([rule.topic for rule in self.rules])
-        self._plans: dict[tuple[int, ...], int] = {}
-        self._topic_plan: dict[str, tuple[int, tuple[int, ...]]] = {}
-        self.plan_rules: dict[int, tuple[int, ...]] = {}
-        table = sandbox.table
-        n = len(self.rules)
-        self.lua_S = table([c.fn for c in self.compiled])
-        self.lua_M = table({})
-        self.lua_F = table([0] * n)
-        self.groups: list[Group] = []
-        lua_groups = []
-        for g, lo in enumerate(range(1, n + 1, GROUP_SIZE), start=1):
-            hi = min(n, lo + GROUP_SIZE - 1)
-            chunkname = _group_chunkname(version, g)
-            members = [(k, self.rules[k - 1]) for k in range(lo, hi + 1)]
-            fn = None
-            starts: dict[int, int] = {}
-            if fuse:
-                source, starts = _generate_group(members, state_prefix)
-                chunk, _err = sandbox.compile(source, "=" + chunkname)
-                if chunk is not None:
-                    fn = sandbox.host.instantiate(chunk, self.lua_S, self.lua_M)
-            fused = fn is not None
-            if fn is None:
-                fn = sandbox.host.generic_group(
-                    self.lua_S,
-                    self.lua_M,
-                    lo,
-                    hi,
-                    table([state_prefix + r.id for r in self.rules]),
-                    table([r.uses_state for r in self.rules]),
-                    table([r.when is not None for r in self.rules]),
-                )
-            self.groups.append(Group(chunkname=chunkname, lo=lo, hi=hi, fused=fused, starts=starts))
-            lua_groups.append(table([fn, lo, hi]))
-        self.lua = table(
-            {
-                "S": self.lua_S,
-                "M": self.lua_M,
-                "F": self.lua_F,
-                "QN": quarantine_after,
-                "ids": table([state_prefix + r.id for r in self.rules]),
-                "uses_state": table([r.uses_state for r in self.rules]),
-                "is_when": table([r.when is not None for r in self.rules]),
-                "groups": table(lua_groups),
-            }
-        )
-        self._chunks = {g.chunkname: g for g in self.groups}
-
-    def plan(self, topic: str) -> tuple[int, tuple[int, ...]]:
-        """Return ``(plan id, rule indices)`` for ``topic``; plan id 0 means no rule applies."""
-        hit = self._topic_plan.get(topic)
-        if hit is not None:
-            return hit
-        rules = tuple(i + 1 for i in self.matcher.match(topic) if i + 1 not in self.quarantined)
-        result: tuple[int, tuple[int, ...]]
-        if not rules:
-            result = (0, ())
-        else:
-            plan_id = self._plans.get(rules)
-            if plan_id is None:
-                plan_id = len(self._plans) + 1
-                self._plans[rules] = plan_id
-                self.plan_rules[plan_id] = rules
-                self.lua_M[plan_id] = self.sandbox.table({k: True for k in rules})
-            result = (plan_id, rules)
-        if len(self._topic_plan) >= 65_536:
-            self._topic_plan.clear()
-        self._topic_plan[topic] = result
-        return result
-
-    def reset_plans(self) -> None:
-        """Forget every plan (after a rule leaves quarantine) so they are rebuilt."""
-        self._topic_plan.clear()
-        self._plans.clear()
-        self.plan_rules.clear()
-        for key in list(self.lua_M.keys()):
-            self.lua_M[key] = None
-
-    def quarantine(self, k: int) -> None:
-        """Mask rule ``k`` out of every plan (Lua already did for plans it knew)."""
-        self.quarantined.add(k)
-        self._topic_plan.clear()
-        for mask in self.lua_M.values():
-            mask[k] = False
-
-    def rule_line(self, k: int, source: Any, line: Any) -> int | None:
-        """Map a Lua ``source``/``line`` seen at run time to the line in rule ``k``'s source."""
-        if not isinstance(line, int) or not isinstance(source, str):
-            return None
-        rule = self.rules[k - 1]
-        if source == "=" + rule.id:
-            return line
-        group = self._chunks.get(source.removeprefix("="))
-        if group is not None and k in group.starts:
-            rel = line - group.starts[k] + 1
-            if 1 <= rel <= rule.source.count("\n") + 1:
-                return rel
-        return None
-
-    def message_line(self, k: int, message: str) -> tuple[str, int | None]:
-        """Strip the ``chunk:line:`` prefix from a Lua error and map the line into rule ``k``."""
-        found = _MESSAGE.match(message)
-        if not found:
-            return message, None
-        line = self.rule_line(k, "=" + found.group("chunk"), int(found.group("line")))
-        return found.group("text"), line
-
-
-def to_python(value: Any, *, depth: int = 0, budget: list[int] | None = None) -> Any:
-    """Convert a Lua value (output table) to JSON-ready Python: dict, list, str, number, bool."""
-    if budget is None:
-        budget = [10_000]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ValueError("output has more than 10000 values")
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if depth >= 32:
-        raise ValueError("output is nested deeper than 32 tables")
-    try:
-        items = list(value.items())
-    except (AttributeError, TypeError):
-        raise ValueError(f"output contains a {type(value).__name__}") from None
-    if not items:
-        return {}
-    keys = [k for k, _ in items]
-    if all(isinstance(k, int) and not isinstance(k, bool) for k in keys) and sorted(keys) == list(
-        range(1, len(keys) + 1)
-    ):
-        ordered = sorted(items, key=lambda kv: kv[0])
-        return [to_python(v, depth=depth + 1, budget=budget) for _, v in ordered]
-    return {str(k): to_python(v, depth=depth + 1, budget=budget) for k, v in items}
-
-
-__all__ = ["GROUP_SIZE", "CompileCache", "CompiledRule", "Ruleset", "compile_rule", "to_python"]
+__all__ = [
+    "CompileCache",
+    "CompileKey",
+    "CompiledRule",
+    "CompiledRules",
+    "Location",
+    "compile_rule",
+    "compile_rules",
+    "locate",
+    "validate_rule",
+]

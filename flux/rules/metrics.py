@@ -1,8 +1,13 @@
-"""Prometheus metrics of the rules engine (default registry; names kept from the seeds)."""
+"""Prometheus metrics of the rules engine and rule actions (default registry)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
+
+#: The ``kind`` labels of ``flux_rule_errors_total``.
+RULE_ERROR_KINDS = ("runtime", "timeout", "memory", "undefined")
 
 RULES_ACTIVE = Gauge("flux_rules_active", "Rules in the active ruleset that are evaluated")
 RULES_QUARANTINED = Gauge(
@@ -14,7 +19,7 @@ RULE_EVALUATIONS = Counter(
 RULE_MATCHES = Counter("flux_rule_matches_total", "Rule evaluations that matched", ["rule"])
 RULE_ERRORS = Counter(
     "flux_rule_errors_total",
-    "Rule evaluations that failed, by kind (runtime, timeout, memory, undefined)",
+    f"Rule evaluations that failed, by kind ({', '.join(RULE_ERROR_KINDS)})",
     ["rule", "kind"],
 )
 RULE_EVAL_SECONDS = Histogram(
@@ -34,14 +39,27 @@ RULE_LOOPS_CUT = Counter(
     "flux_rule_loops_cut_total", "Derived events dropped because their hop count exceeded the max"
 )
 
+
+def forget_rule(rule_id: str) -> None:
+    """Drop the series of a rule that is gone, so dashboards stop showing it."""
+    for metric in (RULE_EVALUATIONS, RULE_MATCHES):
+        with contextlib.suppress(KeyError):
+            metric.remove(rule_id)
+    for kind in RULE_ERROR_KINDS:
+        with contextlib.suppress(KeyError):
+            RULE_ERRORS.remove(rule_id, kind)
+
+
 __all__ = [
     "ACTION_EXECUTIONS",
     "RULES_ACTIVE",
     "RULES_QUARANTINED",
     "RULES_RELOAD",
     "RULE_ERRORS",
+    "RULE_ERROR_KINDS",
     "RULE_EVALUATIONS",
     "RULE_EVAL_SECONDS",
     "RULE_LOOPS_CUT",
     "RULE_MATCHES",
+    "forget_rule",
 ]

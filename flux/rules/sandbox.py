@@ -12,10 +12,10 @@ Budget: a count hook fires every ``tick`` instructions and charges them to the r
 evaluated; C functions whose cost grows with their input (pattern matching, ``rep``, ``concat``,
 ``sort``, ...) are wrapped and charge an estimate first, because hooks never fire inside C. Lua
 patterns backtrack: ``q`` variable-length items on an ``n``-byte subject cost about
-``n^(q+1)`` steps (measured: ``("a*"):rep(2).."b"`` on 1 KiB took 2.3 s), so that estimate is
-charged and a call that would exceed the budget fails at once. A rule that has run ``16 * tick``
-instructions also has its CPU time checked (``os.clock``) against ``time_limit_s``: instructions
-such as ``..`` on long strings are O(n).
+``n^(q+1)`` steps (a short pattern on a few KiB can run for seconds), so that estimate is
+charged and a call that would exceed the budget fails at once. A rule that has run
+``16 * tick`` instructions also has its CPU time checked (``os.clock``) against
+``time_limit_s``: instructions such as ``..`` on long strings are O(n).
 
 Memory: ``max_memory`` caps the whole runtime (rules, per-device state, the batch in flight).
 
@@ -39,6 +39,10 @@ DEFAULT_MAX_STATE_DEVICES = 10_000
 DEFAULT_MAX_STATE_KEYS = 32
 MAX_STATE_STRING = 1024
 MAX_PATTERN = 512
+#: A match reaches Python as ``event position * RULE_CODE + rule index`` (so at most 2**20 rules).
+RULE_CODE = 1 << 20
+#: The host's meter holds ``rule index * METER_SHIFT + budget units used`` in one number.
+METER_SHIFT = 1 << 40
 
 
 def _deny_attributes(obj: object, attr_name: object, is_setting: bool) -> str:
@@ -82,6 +86,8 @@ class LuaSandbox:
             max_state_keys,
             MAX_STATE_STRING,
             MAX_PATTERN,
+            RULE_CODE,
+            METER_SHIFT,
         )
         LuaSandbox._live.add(self)
 
@@ -126,5 +132,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION_BUDGET",
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_TIME_LIMIT_S",
+    "METER_SHIFT",
+    "RULE_CODE",
     "LuaSandbox",
 ]

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flux.rules.engine import RuleEngine, RuleTestResult
+from flux.rules.compiler import validate_rule
+from flux.rules.engine import RuleEngine
 from flux.rules.errors import RuleError, RuleValidationError
-from flux.rules.model import Rule, check_plugins, load_rules_path
+from flux.rules.model import Rule, load_rules_path
 from flux.rules.sandbox import LuaSandbox
+from flux.rules.testing import RuleTestResult
 
 #: Where shipped rule files live, relative to the working directory.
 DEFAULT_RULES_PATH = Path("rules")
@@ -47,16 +49,12 @@ def validate_rules(
 
     With ``known_plugins`` (``None`` = do not check), plugin actions are checked too.
     """
-    from flux.rules.compiler import compile_rule
-
     loaded = load_rules_path(path)
     report = ValidationReport(files=loaded.files, errors=list(loaded.errors))
     sandbox = LuaSandbox()
     for rule in loaded.rules:
         try:
-            if known_plugins is not None:
-                check_plugins(rule, known_plugins)
-            compile_rule(sandbox, rule)
+            validate_rule(sandbox, rule, known_plugins)
         except RuleError as exc:
             exc.fields.setdefault("file", rule.origin)
             report.errors.append(exc)

@@ -47,6 +47,7 @@ from flux.store.schema import outbox as table
 if TYPE_CHECKING:
     import httpx
 
+
 log = logging.getLogger(__name__)
 
 #: The built-in sink's name (``outbox.sink``, the metrics' ``sink`` label).

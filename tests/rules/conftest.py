@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from flux.events import Event, device_id_for, new_event_id
 from flux.rules import Rule, RuleEngine, load_rules_path
@@ -36,6 +37,11 @@ def make_event(
         source="mqtt",
         hops=hops,
     )
+
+
+def metric(name: str, **labels: str) -> float:
+    """Return a sample of the default registry (0 when the series does not exist)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture

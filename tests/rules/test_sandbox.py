@@ -124,12 +124,6 @@ async def test_rule_cannot_clobber_shared_environment(engine: RuleEngine) -> Non
         assert [m.rule.id for m in matches] == ["clobber", "clobber-script", "after"]
 
 
-async def test_fused_internals_are_invisible_to_rules(engine: RuleEngine) -> None:
-    probe = "__fx_B == nil and __fx_batch == nil and __fx_codes == nil and __fx_S == nil"
-    await engine.reload([Rule(id="probe", topic="a", when=probe)])
-    assert len(await engine.evaluate_batch([make_event({}, "a")])) == 1
-
-
 async def test_state_is_bounded_and_scalar(engine: RuleEngine) -> None:
     rules = [
         Rule(id="many-keys", topic="a", script='for i = 1, 100 do state["k" .. i] = i end'),
