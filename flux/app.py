@@ -20,7 +20,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -32,16 +32,15 @@ from flux.config import Settings
 from flux.errors import FluxError
 from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import MqttIngest
-from flux.ingest.publisher import MqttPublisher
 from flux.metrics import DEGRADED
 from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.sinks import Sinks, check_forward_sinks
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
-from flux.webhooks import WebhookOutbox
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +80,31 @@ class Gateway:
         self._stop_requested = asyncio.Event()
         DEGRADED.labels(reason="not_accepting").set(1)
         self.engine = create_engine(settings.database)
-        self.writer = StoreWriter.from_config(settings.database, engine=self.engine)
+        self.broker = MqttBroker(settings.mqtt)
+        self.sinks = Sinks.from_config(
+            settings,
+            engine=self.engine,
+            delete=self._delete_outbox,
+            local_protocol=lambda: self.broker.protocol_version,
+        )
+        self.writer = StoreWriter.from_config(
+            settings.database, engine=self.engine, outbox=self.sinks
+        )
         self.bus = EventBus.from_config(settings.eventbus)
         self.plugins = PluginManager.from_config(settings.plugins)
         rules = settings.rules
-        self.rules = RuleEngine.from_config(rules, known_plugins=self.plugins.names)
-        self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
-        self.outbox = WebhookOutbox.from_config(
-            settings.webhooks,
-            engine=self.engine,
-            shutdown_timeout_s=settings.shutdown.close_timeout_s,
+        self.rules = RuleEngine.from_config(
+            rules, known_plugins=self.plugins.names, known_sinks=self.sinks.names
         )
-        self.broker = MqttBroker(settings.mqtt)
-        self.publisher = MqttPublisher(config=settings.mqtt, broker=self.broker)
+        self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
         self.pipeline = Pipeline(
             bus=self.bus,
             plugins=self.plugins,
             rules=self.rules,
-            add_alerts=self.writer.add_alerts,
+            add_rows=self.writer.add_rows,
             dead_letter=self.writer.add_dead_letter,
-            publish=self.publisher.publish,
-            queue_webhook=self.outbox.handler,
+            action_rows=self.sinks,
             max_hops=max(rules.max_hops, settings.plugins.max_hops),
-            retry_max_delay_s=settings.database.retry_max_delay_s,
         )
         self.mqtt = MqttIngest(
             config=settings.mqtt,
@@ -118,6 +119,10 @@ class Gateway:
         )
         #: Set when a failure that will not fix itself stopped the gateway (``run`` raises it).
         self.fatal: FluxError | None = None
+
+    def _delete_outbox(self, ids: Sequence[str]) -> None:
+        """Outbox rows the sinks delivered are deleted on the store's next transaction."""
+        self.writer.delete_outbox(ids)
 
     @property
     def state(self) -> GatewayState:
@@ -165,8 +170,8 @@ class Gateway:
         )
         await self._enter("plugins", self.plugins)
         await self._enter("rules", self.rules)
+        await self._check_forwards()
         await self.reload_rules()
-        await self._enter("webhook outbox", self.outbox)
         self.bus.subscribe(
             PIPELINE_SUBSCRIBER,
             self.pipeline.handle,
@@ -177,8 +182,13 @@ class Gateway:
         )
         await self._enter("bus", self.bus)
         await self._enter("broker", self.broker)
-        await self._enter("publisher", self.publisher)
+        await self._enter("sinks", self.sinks)
         await self._enter("mqtt ingest", self.mqtt)
+
+    async def _check_forwards(self) -> None:
+        """A rule forwarding to a sink that is not configured stops start-up (exit 2)."""
+        rules = await self.rule_sources.load()
+        check_forward_sinks({rule.id: rule.sink_names() for rule in rules}, self.sinks.names)
 
     async def _enter(self, name: str, stage: AbstractAsyncContextManager[Any]) -> None:
         """Start ``stage`` and put its close on the exit stack, bounded and named."""
@@ -286,6 +296,7 @@ class Gateway:
         if not self.mqtt.connected:
             reasons["mqtt_disconnected"] = self.settings.mqtt.url
         reasons.update(self.bus.degraded())
+        reasons.update(self.sinks.degraded())
         if self.writer.dead_letter_backlog:
             queued = self.writer.dead_letters_queued
             reasons["dead_letter_backlog"] = f"{queued} dead letters queued"

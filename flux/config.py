@@ -8,10 +8,11 @@ they look like one (``FLUX_EVENTBUS__CAPACITY=2048``), otherwise taken as string
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -29,6 +30,7 @@ from flux.net import is_loopback
 from flux.topics import validate_filter
 
 OverflowPolicy = Literal["block", "drop_oldest", "drop_newest"]
+_SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EmbeddedBroker = Literal["auto", "mosquitto", "amqtt", "off"]
 
 
@@ -117,6 +119,16 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
 
 
+def _mqtt_url(value: str) -> str:
+    """``value`` if it is an ``mqtt://`` or ``mqtts://`` URL with a host; else ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError("scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    return value
+
+
 class MqttConfig(_Section):
     url: str = "mqtt://127.0.0.1:1883"
     client_id: str = "flux-gateway"
@@ -139,12 +151,7 @@ class MqttConfig(_Section):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError("scheme must be mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError("the URL names no host")
-        return value
+        return _mqtt_url(value)
 
     @field_validator("topics")
     @classmethod
@@ -229,6 +236,128 @@ class WebhooksConfig(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+#: What a sink's ``topic`` template may name.
+SINK_TEMPLATE_FIELDS = frozenset({"topic", "device_id", "rule_id", "gateway", "event_id"})
+#: Sinks the gateway always has: rule ``publish`` actions (the local broker) and ``webhook``
+#: actions. Configured sinks cannot take these names.
+BUILTIN_SINKS = frozenset({"local", "webhooks"})
+
+
+def _template_problem(template: str) -> str | None:
+    """Why ``template`` is not a valid sink topic template, or None."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return str(exc)
+    unknown = sorted(set(fields) - SINK_TEMPLATE_FIELDS)
+    if unknown:
+        return f"unknown placeholder {{{unknown[0]}}}; use {sorted(SINK_TEMPLATE_FIELDS)}"
+    return None
+
+
+class BaseSinkConfig(_Section):
+    """What every sink has: routing, the backlog bound, alerting and retries."""
+
+    #: MQTT topic filters of the events forwarded automatically; [] = only rule actions.
+    topics: tuple[str, ...] = ()
+    max_backlog_mb: float = Field(512.0, gt=0)
+    overflow: Literal["block", "drop_oldest"] = "block"
+    #: ``flux_degraded{reason="sink_backlog"}`` once the oldest row waits longer than this.
+    alert_after_s: float = Field(300.0, gt=0)
+    #: Cap of the retry backoff while the receiver is away or refuses.
+    retry_max_delay_s: float = Field(30.0, gt=0)
+    #: Rows read from the outbox and sent per batch.
+    batch_size: int = Field(500, ge=1, le=10_000)
+    enabled: bool = True
+
+    @field_validator("topics")
+    @classmethod
+    def _valid_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for topic in value:
+            problem = validate_filter(topic)
+            if problem is not None:
+                raise ValueError(f"{topic!r}: {problem}")
+        return value
+
+
+class MqttSinkConfig(BaseSinkConfig):
+    """An upstream MQTT broker, on a persistent session of its own."""
+
+    type: Literal["mqtt"]
+    url: str
+    client_id: str = Field("", max_length=128)
+    username: str = ""
+    password: str = ""
+    tls_ca_file: str = ""
+    tls_insecure: bool = False
+    qos: int = Field(1, ge=0, le=1)
+    retain: bool = False
+    #: The upstream topic: {topic} {device_id} {rule_id} {gateway} {event_id}.
+    topic: str = "{topic}"
+    #: Send ``{"id", "topic", "device_id", "received_at", "payload"}`` instead of the
+    #: payload alone (the event id always rides in the MQTT 5 user property ``flux-event-id``).
+    envelope: bool = False
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(86_400, ge=0, le=0xFFFFFFFF)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        return _mqtt_url(value)
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        problem = _template_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_exists(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    def broker(self, gateway: str) -> MqttConfig:
+        """The connection settings in the form the MQTT adapter takes."""
+        return MqttConfig(
+            url=self.url,
+            client_id=self.client_id or f"{gateway}-sink",
+            username=self.username,
+            password=self.password,
+            tls_ca_file=self.tls_ca_file,
+            tls_insecure=self.tls_insecure,
+            keepalive_s=self.keepalive_s,
+            reconnect_max_delay_s=self.retry_max_delay_s,
+            session_expiry_s=self.session_expiry_s,
+            embedded="off",
+        )
+
+
+class HttpSinkConfig(BaseSinkConfig):
+    """An HTTP ingest endpoint: events POSTed as JSON arrays, ``batch_size`` per request."""
+
+    type: Literal["http"]
+    url: str
+    headers: dict[str, str] = {}
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("use http://HOST/... or https://HOST/...")
+        return value
+
+
+SinkConfig = Annotated[MqttSinkConfig | HttpSinkConfig, Field(discriminator="type")]
+
+
 class ShutdownConfig(_Section):
     intake_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(15.0, gt=0)
@@ -245,6 +374,17 @@ class Settings(_Section):
     plugins: PluginsConfig = PluginsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    sinks: dict[str, SinkConfig] = {}
+
+    @field_validator("sinks")
+    @classmethod
+    def _sink_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if name in BUILTIN_SINKS:
+                raise ValueError(f"{name!r} is a built-in sink; choose another name")
+            if not _SINK_NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: use letters, digits, '-' and '_' (up to 64)")
+        return value
 
 
 def _parse_env_value(text: str) -> Any:
@@ -272,7 +412,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
 
 def _first_error(exc: ValidationError) -> ConfigError:
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "sinks" and loc[2] in ("mqtt", "http"):
+        del loc[2]  # the union's tag, not a key of the file
+    key = ".".join(str(part) for part in loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"

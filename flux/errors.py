@@ -17,6 +17,7 @@ rules' and the plugins' own errors live beside their code::
     ├── MqttConnectError               the broker refused the connection (bad password, TLS)
     │   └── MqttUnreachable            nothing answers at the broker's address (yet)
     ├── BrokerStartError               the embedded broker could not start
+    ├── SinkSendError                  a sink's receiver did not take a batch (retried)
     ├── flux.rules.errors.RuleError
     │   ├── RuleValidationError        a rule file or body is invalid (422)
     │   ├── RuleCompileError           Lua that does not compile (with its line)
@@ -121,6 +122,14 @@ class BrokerStartError(FluxError):
     """The embedded broker could not be started."""
 
 
+class SinkSendError(FluxError):
+    """A send that did not happen: nothing of the batch reached the receiver; retried."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.reason = reason
+
+
 class Unauthorized(FluxError):
     """A bearer token is configured and the request did not present it."""
 
@@ -139,6 +148,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "PortUnavailable",
+    "SinkSendError",
     "StoreUnavailable",
     "Unauthorized",
 ]

@@ -79,15 +79,6 @@ MQTT_STALE_ACKS = Counter(
     "flux_mqtt_stale_acks_total",
     "Acknowledgements withheld because the connection they belonged to is gone",
 )
-PUBLISHES_PENDING = Gauge(
-    "flux_mqtt_publishes_pending",
-    "Rule publishes handed to the publishing session and not yet confirmed by the broker",
-)
-PUBLISHES_REFUSED = Counter(
-    "flux_mqtt_publishes_refused_total",
-    "Rule publishes the broker refused (PUBACK reason code >= 0x80)",
-    ["reason"],
-)
 DB_BATCH_SIZE = Histogram(
     "flux_db_batch_size",
     "Events per committed batch",
@@ -130,8 +121,6 @@ __all__ = [
     "MQTT_MESSAGES",
     "MQTT_RECONNECTS",
     "MQTT_STALE_ACKS",
-    "PUBLISHES_PENDING",
-    "PUBLISHES_REFUSED",
     "SUBSCRIBER_ERRORS",
     "HotCount",
     "HotCounter",

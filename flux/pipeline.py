@@ -8,53 +8,68 @@ queue is safe. The pipeline does not wait for their commit: it moves on to the n
 and confirms batches in order as their derived events commit.
 
 Acknowledgement: the bus joins the store's confirmation of an event with the pipeline's,
-which comes once everything the event caused is confirmed: derived events, dead letters and
-alert rows committed, webhook outbox rows committed, rule publishes PUBACKed by the broker.
-A crash in between means redelivery, so an alert or a publish is never lost for a message
-that was acknowledged.
+which comes once everything the event caused is committed: derived events, dead letters,
+alert rows, and the outbox rows of its rule publishes, webhooks and forwards (the sinks
+deliver those at least once from the outbox). A crash in between means redelivery, so an
+alert or a publish is never lost for a message that was acknowledged.
 
-Every rule action's handler is registered here, on the pipeline's own ``ActionExecutor``.
+Every rule action's handler is registered here, on the pipeline's own ``ActionExecutor``;
+the actions that send something (``publish``, ``webhook``, ``forward``) become outbox rows
+committed with the batch, which the sinks (``flux.sinks``) deliver.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from flux.bus import EventBus
-from flux.errors import BusClosed, StoreUnavailable
-from flux.events import DeadLetter, Event, PublishMessage
+from flux.errors import BusClosed
+from flux.events import DeadLetter, Event
 from flux.metrics import SUBSCRIBER_ERRORS
 from flux.plugins import PluginError, PluginManager
-from flux.retry import DB_RETRY_FIRST_S, Backoff
 from flux.rules import (
     ActionExecutor,
     AlertAction,
+    ForwardAction,
     PluginAction,
     PublishAction,
     RuleEngine,
     RuleMatch,
     WebhookAction,
     alert_row,
-    publish_message,
 )
+from flux.sinks.rows import OutboxRow
 
 log = logging.getLogger(__name__)
 
 PIPELINE_SUBSCRIBER = "pipeline"
 STORE_SUBSCRIBER = "store"
 
-#: Send an MQTT message; the callable runs once the broker has it (``MqttPublisher``).
-Publish = Callable[[PublishMessage, Callable[[], None]], Awaitable[None]]
-#: Queue a webhook action's POST durably (``WebhookOutbox.handler``); raises
-#: ``StoreUnavailable`` while the database is away.
-QueueWebhook = Callable[[RuleMatch, WebhookAction], Awaitable[None]]
-#: Queue alert rows for the store's next transaction; the callable runs after their commit.
-AddAlerts = Callable[[Sequence[dict[str, Any]], Callable[[], None]], None]
+class AddRows(Protocol):
+    """Queue alert and outbox rows for the store's next transaction (``StoreWriter.add_rows``);
+    ``confirm`` runs after their commit."""
+
+    def __call__(
+        self,
+        *,
+        alerts: Sequence[dict[str, Any]] = (),
+        outbox: Sequence[OutboxRow] = (),
+        confirm: Callable[[], None],
+    ) -> None: ...
+
+
+class ActionRows(Protocol):
+    """The outbox rows of rule actions that send something (``flux.sinks.Sinks``)."""
+
+    def publish_row(self, match: RuleMatch, action: PublishAction) -> OutboxRow: ...
+
+    def webhook_row(self, match: RuleMatch, action: WebhookAction) -> OutboxRow: ...
+
+    def forward_row(self, match: RuleMatch, sink: str) -> OutboxRow: ...
 
 
 class _BatchConfirmation:
@@ -87,24 +102,21 @@ class Pipeline:
         bus: EventBus,
         plugins: PluginManager,
         rules: RuleEngine,
-        add_alerts: AddAlerts,
+        add_rows: AddRows,
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
-        publish: Publish,
-        queue_webhook: QueueWebhook,
+        action_rows: ActionRows,
         max_hops: int,
-        retry_max_delay_s: float,
     ) -> None:
         self._bus = bus
         self._plugins = plugins
         self._rules = rules
-        self._add_alerts = add_alerts
+        self._add_rows = add_rows
         self._dead_letter = dead_letter
-        self._publish = publish
-        self._queue_webhook = queue_webhook
+        self._action_rows = action_rows
         self._max_hops = max_hops
-        self._retry_max_delay_s = retry_max_delay_s
         # Filled by the action handlers while a batch's matches execute.
         self._alerts: list[dict[str, Any]] = []
+        self._outbox: list[OutboxRow] = []
         self._derived: list[Event] = []
         # Batches handled but not yet confirmed, oldest first (see ``handle``); ``_current``
         # is the one being handled.
@@ -116,6 +128,7 @@ class Pipeline:
             ("plugin", self._plugin_action),
             ("publish", self._publish_action),
             ("webhook", self._webhook_action),
+            ("forward", self._forward_action),
         ):
             self.actions.register(action_type, handler)
 
@@ -176,10 +189,11 @@ class Pipeline:
         if matches:
             await self.actions.execute(matches)
             alerts, self._alerts = self._alerts, []
+            outbox, self._outbox = self._outbox, []
             derived.extend(self._derived)
             self._derived = []
-            if alerts:
-                self._add_alerts(alerts, self._part(self._current))
+            if alerts or outbox:
+                self._add_rows(alerts=alerts, outbox=outbox, confirm=self._part(self._current))
         return derived
 
     async def _run_plugins(self, work: list[Event]) -> list[Event]:
@@ -224,28 +238,13 @@ class Pipeline:
         self._derived.extend(await self._plugins.call(action.name, match.event))
 
     async def _publish_action(self, match: RuleMatch, action: PublishAction) -> None:
-        """Hand the message to the publishing session; the batch is confirmed once the
-        broker has it (PUBACK for QoS 1)."""
-        confirmation = self._current
-        confirm = self._part(confirmation)
-        try:
-            await self._publish(publish_message(match, action), confirm)
-        except BaseException:
-            confirmation.outstanding -= 1
-            raise
+        self._outbox.append(self._action_rows.publish_row(match, action))
 
     async def _webhook_action(self, match: RuleMatch, action: WebhookAction) -> None:
-        """Queue the POST durably, retrying while the database is away: the batch (and so
-        its acknowledgement) waits until the webhook is queued, instead of losing it."""
-        backoff = Backoff(first_s=DB_RETRY_FIRST_S, max_s=self._retry_max_delay_s)
-        while True:
-            try:
-                await self._queue_webhook(match, action)
-                return
-            except StoreUnavailable as exc:
-                delay = backoff.next()
-                log.warning("%s; retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+        self._outbox.append(self._action_rows.webhook_row(match, action))
+
+    async def _forward_action(self, match: RuleMatch, action: ForwardAction) -> None:
+        self._outbox.append(self._action_rows.forward_row(match, action.sink))
 
 
-__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "Pipeline", "Publish", "QueueWebhook"]
+__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "ActionRows", "AddRows", "Pipeline"]

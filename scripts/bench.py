@@ -115,7 +115,7 @@ from tests.support import (  # noqa: E402
 )
 
 #: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
-SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers")
+SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers", "forward", "catchup")
 IDS = {
     "P1": "drain",
     "P3": "drain",
@@ -126,6 +126,8 @@ IDS = {
     "P8": "drain-pg",
     "S1": "shipped",
     "S2": "storm",
+    "F1": "forward",
+    "F2": "catchup",
 }
 DEFAULT_PG_URL = "postgresql+asyncpg://127.0.0.1:5432/test"
 #: How often the stored count is sampled (drain, http, workers) and latency throughput noted.
@@ -563,6 +565,8 @@ class Bench:
     http_port: int = 0
     series: list[Series] = field(default_factory=list)
     profile_each: bool = False
+    #: Upstream brokers of the forwarding scenarios (stopped with the bench).
+    upstreams: list[PrivateMosquitto] = field(default_factory=list)
 
     def new_broker(self) -> PrivateMosquitto:
         """Replace the broker with a fresh one: no session or queue of an earlier run survives.
@@ -581,6 +585,9 @@ class Bench:
         if self.broker is not None:
             self.broker.cleanup()
             self.broker = None
+        for upstream in self.upstreams:
+            upstream.cleanup()
+        self.upstreams.clear()
 
     def rules_dir(self) -> Path:
         """Write ``--rules`` generated threshold rules (alert on a rare match) for the run."""
@@ -828,9 +835,11 @@ class PublishCounter:
 
     PROBE = b'{"device": "bench-probe", "seq": -1}'
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, *, by_topic: bool = False) -> None:
         self._port = port
         self._topic = topic
+        #: Tell messages apart by (topic, seq) instead of the body's (device, seq).
+        self._by_topic = by_topic
         self._seen: set[tuple[Any, Any]] = set()
         self._received = 0
         self.last_at = 0.0
@@ -839,13 +848,15 @@ class PublishCounter:
 
     def __enter__(self) -> PublishCounter:
         command = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(self._port), "-q", "1"]
-        command += ["-t", self._topic, "-F", "%p", "-i", f"bench-counter-{os.getpid()}"]
+        output = "%t %p" if self._by_topic else "%p"
+        command += ["-t", self._topic, "-F", output, "-i", f"bench-counter-{os.getpid()}"]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE)
         self._reader.start()
         # Subscribed once a probe published on the filter comes back.
         probe_topic = self._topic.replace("#", "bench-probe").replace("+", "bench-probe")
+        probe_key: tuple[Any, Any] = (probe_topic, -1) if self._by_topic else ("bench-probe", -1)
         deadline = time.monotonic() + 30
-        while ("bench-probe", -1) not in self._seen:
+        while probe_key not in self._seen:
             if time.monotonic() > deadline:
                 raise RuntimeError("the publish counter did not subscribe within 30 s")
             subprocess.run(
@@ -853,7 +864,7 @@ class PublishCounter:
                 check=True,
             )
             time.sleep(0.2)
-        self._seen.discard(("bench-probe", -1))
+        self._seen.discard(probe_key)
         self._received = 0
         return self
 
@@ -862,9 +873,13 @@ class PublishCounter:
         for line in self._process.stdout:
             self._received += 1
             try:
-                body = orjson.loads(line)
-                key = (body.get("device"), body.get("seq"))
-            except (orjson.JSONDecodeError, AttributeError):
+                if self._by_topic:
+                    topic, _, payload = line.partition(b" ")
+                    key = (topic.decode(), orjson.loads(payload).get("seq"))
+                else:
+                    body = orjson.loads(line)
+                    key = (body.get("device"), body.get("seq"))
+            except (orjson.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 continue
             if key not in self._seen:
                 self._seen.add(key)
@@ -1294,6 +1309,129 @@ def scenario_workers(bench: Bench, run: Run) -> list[dict[str, Any]]:
     return [first, second]
 
 
+def _upstream(bench: Bench) -> PrivateMosquitto:
+    """A second private Mosquitto, the sinks' upstream (a cloud broker allows a wide window:
+    it runs with the embedded broker's configuration, Receive Maximum 1,000)."""
+    upstream = PrivateMosquitto(persistent=True, as_embedded=True)
+    upstream.start()
+    wait_port("127.0.0.1", upstream.port)
+    bench.upstreams.append(upstream)
+    return upstream
+
+
+def _sink(upstream: PrivateMosquitto) -> dict[str, Any]:
+    return {
+        "type": "mqtt",
+        "url": f"mqtt://127.0.0.1:{upstream.port}",
+        "qos": 1,
+        "topics": ["devices/+/telemetry"],
+    }
+
+
+def scenario_forward(bench: Bench, run: Run) -> list[dict[str, Any]]:
+    """F1: drain a QoS 1 backlog (``drain``'s rules and plugin) while forwarding every
+    telemetry message, QoS 1, to an upstream broker; done when the last one arrived there."""
+    args = bench.args
+    assert bench.db is not None
+    broker = bench.new_broker()
+    upstream = _upstream(bench)
+    bench.db.reset()
+    config = bench.config(args.workers, **{"sinks.up": _sink(upstream)})
+    total = args.messages // args.publishers * args.publishers
+    with PublishCounter(upstream.port, "devices/#", by_topic=True) as counter:
+        row = _drain(
+            bench,
+            run,
+            config,
+            total,
+            lambda: publish(broker.port, args.messages, args.publishers, args.qos)[0],
+            counter,
+        )
+    return [{"forwarded_per_s": row["events_per_s"], **row}]
+
+
+def scenario_catchup(bench: Bench, run: Run) -> list[dict[str, Any]]:
+    """F2: one hour offline at 500 msg/s, simulated: ``--backlog-rows`` outbox rows (1.8M by
+    default) are written for the sink while nothing runs, then the gateway starts with the
+    upstream up; the backlog's size on disk and the rate at which it empties."""
+    args = bench.args
+    assert bench.db is not None
+    if args.database_url:
+        return [{"skipped": "the simulated backlog is written to SQLite only"}]
+    bench.new_broker()
+    upstream = _upstream(bench)
+    bench.db.reset()
+    config = bench.config(args.workers, **{"sinks.up": _sink(upstream)})
+    with bench.gateway(config):  # migrates the database
+        pass
+    path = Path(bench.db.url.split("///", 1)[1])
+    before = path.stat().st_size
+    rows = args.backlog_rows
+    _write_backlog(path, rows)
+    backlog_mib = (path.stat().st_size - before) / 2**20
+    with PublishCounter(upstream.port, "devices/#", by_topic=True) as counter:
+        with bench.gateway(config, profile_as=run.label) as gateway:
+            started = time.perf_counter()
+            done = counter.wait_for(rows, args.timeout)
+            finished = counter.last_at
+            stats = gateway.stats()
+        if not done:
+            raise RuntimeError(
+                f"catch-up incomplete: {counter.unique()}/{rows} after {args.timeout} s"
+            )
+    seconds = max(finished - started, SAMPLE_S)
+    return [
+        {
+            "backlog_rows": rows,
+            "backlog_mib": round(backlog_mib, 1),
+            "bytes_per_row": round(backlog_mib * 2**20 / rows),
+            "catchup_per_s": round(rows / seconds),
+            "seconds": round(seconds, 1),
+            **stats,
+        }
+    ]
+
+
+def _write_backlog(path: Path, rows: int) -> None:
+    """Write ``rows`` outbox rows of the sink ``up``: 200 devices' telemetry at 500 msg/s,
+    as an hour offline would have left them."""
+    import sqlite3
+
+    from flux.events import new_event_id
+
+    started = time.time() - rows / 500
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for start in range(0, rows, 10_000):
+            batch = []
+            for seq in range(start, min(rows, start + 10_000)):
+                at = started + seq / 500
+                created = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+                    + f".{int(at % 1 * 1e6):06d}"
+                )
+                batch.append(
+                    (
+                        new_event_id(),
+                        "up",
+                        f"bench-{seq % 200}",
+                        f"devices/bench-{seq % 200}/telemetry",
+                        telemetry(seq // 200),
+                        created,
+                        created,
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO outbox (id, sink, device_id, topic, payload, qos, retain, hops, "
+                "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 1, 0, 1, ?, ?)",
+                batch,
+            )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 SCENARIOS = {
     "drain": scenario_drain,
     "shipped": scenario_shipped,
@@ -1301,6 +1439,8 @@ SCENARIOS = {
     "latency": scenario_latency,
     "http": scenario_http,
     "workers": scenario_workers,
+    "forward": scenario_forward,
+    "catchup": scenario_catchup,
 }
 
 
@@ -1450,7 +1590,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="drain,latency,http",
         help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers; "
         "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL, "
-        "S1=shipped, S2=storm (default: drain,latency,http)",
+        "S1=shipped, S2=storm, F1=forward, F2=catchup (default: drain,latency,http)",
     )
     parser.add_argument(
         "--messages", type=int, default=100_000, help="backlog (drain) or flood (workers) size"
@@ -1491,6 +1631,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="postgresql+asyncpg://... server to run every scenario on, in a scratch database "
         "created and dropped by the bench (default: SQLite in a temp dir)",
+    )
+    parser.add_argument(
+        "--backlog-rows",
+        type=int,
+        default=1_800_000,
+        help="outbox rows of the catchup scenario (one hour offline at 500 msg/s)",
     )
     parser.add_argument("--timeout", type=float, default=300, help="cap per wait (s)")
     parser.add_argument("--output", default="bench-results.json")

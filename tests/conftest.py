@@ -16,6 +16,7 @@ from flux.api.server import HttpServer
 from flux.app import Gateway, serve
 from flux.config import Settings, load_settings
 from tests.support import PrivateMosquitto, mosquitto_available, port_open, unique
+from tests.upstream import Upstream, upstream_broker
 
 PG_URL = os.environ.get("FLUX_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -164,6 +165,12 @@ async def serve_gateway() -> AsyncIterator[Callable[[Settings], Any]]:
 @pytest.fixture
 def shipped_settings() -> Settings:
     return load_settings(Path(__file__).resolve().parents[1] / "config.toml", environ={})
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Upstream]:
+    """A private upstream broker (TLS, a password) for sinks to forward to."""
+    yield from upstream_broker(tmp_path)
 
 
 @pytest.fixture

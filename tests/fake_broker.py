@@ -61,6 +61,9 @@ class FakeBroker:
 
     def __init__(self) -> None:
         self.sessions: asyncio.Queue[Session] = asyncio.Queue()
+        #: Every session so far, and an event set whenever one subscribes.
+        self.all: list[Session] = []
+        self._subscribed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -80,6 +83,17 @@ class FakeBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def subscriber(self, timeout: float = 10, *, besides: Session | None = None) -> Session:
+        """The first session that subscribed (``besides`` another one): the gateway's ingest
+        (its other sessions, such as the one its rule publishes go out on, never subscribe)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for session in self.all:
+                    if session.subscribed.is_set() and session is not besides:
+                        return session
+                self._subscribed.clear()
+                await self._subscribed.wait()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -90,6 +104,7 @@ class FakeBroker:
             assert first >> 4 == 1, "expected CONNECT"
             writer.write(_packet(0x20, b"\x00\x00\x00"))  # CONNACK: no session, success
             await self.sessions.put(session)
+            self.all.append(session)
             while True:
                 first, body = await _read_packet(reader)
                 kind = first >> 4
@@ -97,6 +112,7 @@ class FakeBroker:
                     packet_id = body[:2]
                     writer.write(_packet(0x90, packet_id + b"\x00\x01"))
                     session.subscribed.set()
+                    self._subscribed.set()
                 elif kind == 4:  # PUBACK
                     session.pubacks.append(int.from_bytes(body[:2], "big"))
                     session.puback_event.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    #: When it arrived (``time.monotonic()``).
+    at: float = 0.0
 
 
 class HookServer:
@@ -63,7 +66,7 @@ class HookServer:
                         name, value = line.split(":", 1)
                         headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                self.received.append(Received(method, path, headers, body))
+                self.received.append(Received(method, path, headers, body, time.monotonic()))
                 if self.hang:
                     await asyncio.Event().wait()
                 status = self.statuses.pop(0) if self.statuses else self.default_status

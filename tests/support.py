@@ -14,8 +14,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +143,12 @@ class PrivateMosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@contextmanager
-def sqlite_write_lock(path: Path) -> Iterator[None]:
-    """Hold the database's write lock from another connection, as an external writer would."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-    conn.execute("BEGIN IMMEDIATE")
+@asynccontextmanager
+async def sqlite_write_lock(path: Path) -> AsyncIterator[None]:
+    """Hold the database's write lock from another connection, as an external writer would:
+    taken on a thread, so the gateway's event loop goes on while it waits for the lock."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ from flux.ingest.mqtt import MqttIngest
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.sinks import Sinks
 
 
 class GatewayView(Protocol):
@@ -40,6 +41,9 @@ class GatewayView(Protocol):
 
     @property
     def rule_sources(self) -> RuleSources: ...
+
+    @property
+    def sinks(self) -> Sinks: ...
 
     @property
     def accepting(self) -> bool: ...
@@ -80,11 +84,25 @@ async def _plugins(request: Request) -> PluginManager:
     return gateway_of(request).plugins
 
 
+async def _sinks(request: Request) -> Sinks:
+    return gateway_of(request).sinks
+
+
 Gateway = Annotated[GatewayView, Depends(_gateway)]
 Database = Annotated[AsyncEngine, Depends(_engine)]
 Rules = Annotated[RuleEngine, Depends(_rules)]
 Sources = Annotated[RuleSources, Depends(_rule_sources)]
 Plugins = Annotated[PluginManager, Depends(_plugins)]
+SinksOf = Annotated[Sinks, Depends(_sinks)]
 
 
-__all__ = ["Database", "Gateway", "GatewayView", "Plugins", "Rules", "Sources", "gateway_of"]
+__all__ = [
+    "Database",
+    "Gateway",
+    "GatewayView",
+    "Plugins",
+    "Rules",
+    "SinksOf",
+    "Sources",
+    "gateway_of",
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from flux.rules.errors import RuleCompileError, RuleError, RuleValidationError
-from flux.rules.model import Rule, check_plugins
+from flux.rules.model import Rule, check_plugins, check_sinks
 from flux.rules.sandbox import LuaSandbox
 
 #: ``Rule.compile_key``: id, version and a hash of the Lua source.
@@ -78,13 +78,19 @@ def _compile_error(rule: Rule, message: str) -> RuleCompileError:
     )
 
 
-def validate_rule(sandbox: LuaSandbox, rule: Rule, known_plugins: Collection[str] | None) -> None:
+def validate_rule(
+    sandbox: LuaSandbox,
+    rule: Rule,
+    known_plugins: Collection[str] | None,
+    known_sinks: Collection[str] | None = None,
+) -> None:
     """Raise ``RuleValidationError``/``RuleCompileError`` if ``rule`` cannot go live.
 
-    ``known_plugins=None`` leaves plugin actions unchecked.
+    ``known_plugins=None`` leaves plugin actions unchecked, ``known_sinks=None`` forwards.
     """
     if known_plugins is not None:
         check_plugins(rule, known_plugins)
+    check_sinks(rule, known_sinks)
     compile_rule(sandbox, rule)
 
 
@@ -137,7 +143,10 @@ class CompiledRules:
 
 
 def compile_rules(
-    cache: CompileCache, rules: Sequence[Rule], known_plugins: Collection[str]
+    cache: CompileCache,
+    rules: Sequence[Rule],
+    known_plugins: Collection[str],
+    known_sinks: Collection[str] | None = None,
 ) -> CompiledRules:
     """Check and compile ``rules``; a duplicate id or a bad rule is an error, the rest are kept."""
     hits, misses = cache.hits, cache.misses
@@ -152,6 +161,7 @@ def compile_rules(
         seen.add(rule.id)
         try:
             check_plugins(rule, known_plugins)
+            check_sinks(rule, known_sinks)
             item = cache.get(rule)
         except RuleError as exc:
             errors.append(exc)

@@ -141,6 +141,7 @@ class RuleEngine:
         max_state_devices: int = DEFAULT_MAX_STATE_DEVICES,
         max_state_keys: int = DEFAULT_MAX_STATE_KEYS,
         known_plugins: Collection[str] | Callable[[], Collection[str]] = frozenset(),
+        known_sinks: Collection[str] | None = None,
         offload: bool = False,
         fuse: bool = True,
     ) -> None:
@@ -155,6 +156,7 @@ class RuleEngine:
             "max_state_keys": max_state_keys,
         }
         self._known_plugins = known_plugins
+        self._known_sinks = known_sinks
         self._offload = offload
         self._fuse = fuse
         self._sandbox: LuaSandbox | None = None
@@ -174,6 +176,7 @@ class RuleEngine:
         config: RulesConfig,
         *,
         known_plugins: Collection[str] | Callable[[], Collection[str]] = frozenset(),
+        known_sinks: Collection[str] | None = None,
     ) -> RuleEngine:
         """An engine with the configured quarantine threshold and Lua limits."""
         return cls(
@@ -182,6 +185,7 @@ class RuleEngine:
             memory_limit=config.memory_limit_mb * 1024 * 1024,
             time_limit_s=config.time_limit_s,
             known_plugins=known_plugins,
+            known_sinks=known_sinks,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -284,7 +288,7 @@ class RuleEngine:
 
     def _compile(self, rules: Sequence[Rule], known_plugins: set[str]) -> CompiledRules:
         _sandbox, cache, _ruleset = self._require()
-        return compile_rules(cache, rules, known_plugins)
+        return compile_rules(cache, rules, known_plugins, self._known_sinks)
 
     def _build(
         self, compiled: Sequence[CompiledRule], version: int, quarantined: set[str]
@@ -339,7 +343,7 @@ class RuleEngine:
     async def check_rule(self, rule: Rule) -> None:
         """Raise ``RuleValidationError``/``RuleCompileError`` if ``rule`` cannot go live."""
         sandbox, _cache, _ruleset = self._require()
-        await self._call(validate_rule, sandbox, rule, self._plugin_names())
+        await self._call(validate_rule, sandbox, rule, self._plugin_names(), self._known_sinks)
 
     async def test_rule(
         self,

@@ -224,8 +224,16 @@ class PluginAction(_Action):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
+class ForwardAction(_Action):
+    """Send the event, or the rule's output when it has one, to a sink (``[sinks.<name>]``)."""
+
+    type: Literal["forward"]
+    sink: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
 Action = Annotated[
-    AlertAction | PublishAction | WebhookAction | PluginAction, Field(discriminator="type")
+    AlertAction | PublishAction | WebhookAction | PluginAction | ForwardAction,
+    Field(discriminator="type"),
 ]
 
 
@@ -296,6 +304,10 @@ class Rule(BaseModel):
         """Return the plugins this rule's actions call."""
         return [a.name for a in self.actions if isinstance(a, PluginAction)]
 
+    def sink_names(self) -> list[str]:
+        """Return the sinks this rule's actions forward to."""
+        return [a.sink for a in self.actions if isinstance(a, ForwardAction)]
+
 
 def check_plugins(rule: Rule, known: Iterable[str]) -> None:
     """Raise ``RuleValidationError`` if ``rule`` calls a plugin that is not in ``known``."""
@@ -305,6 +317,20 @@ def check_plugins(rule: Rule, known: Iterable[str]) -> None:
             available = ", ".join(sorted(names)) or "none loaded"
             raise RuleValidationError(
                 f"unknown plugin {name!r} (available: {available})", rule_id=rule.id
+            )
+
+
+def check_sinks(rule: Rule, known: Iterable[str] | None) -> None:
+    """Raise ``RuleValidationError`` if ``rule`` forwards to a sink not in ``known`` (None:
+    sinks are not checked, as by ``flux rules validate`` without a configuration)."""
+    if known is None:
+        return
+    names = set(known)
+    for name in rule.sink_names():
+        if name not in names:
+            available = ", ".join(sorted(names)) or "none configured"
+            raise RuleValidationError(
+                f"unknown sink {name!r} (configured: {available})", rule_id=rule.id
             )
 
 
@@ -449,12 +475,14 @@ __all__ = [
     "RULE_ID_PATTERN",
     "Action",
     "AlertAction",
+    "ForwardAction",
     "LoadReport",
     "PluginAction",
     "PublishAction",
     "Rule",
     "WebhookAction",
     "check_plugins",
+    "check_sinks",
     "load_rules_path",
     "load_rules_text",
     "parse_rule",

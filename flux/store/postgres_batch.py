@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux import faults
 from flux.events import Event
+from flux.sinks.rows import OutboxRow
 from flux.store.database import json_text, payload_text, utc_datetime
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch
 
@@ -42,6 +43,12 @@ INSERT_ALERTS = (
     "INSERT INTO alerts (rule_id, device_id, event_id, severity, output, created_at) "
     "VALUES ($1, $2, $3, $4, $5, $6)"
 )
+INSERT_OUTBOX = (
+    "INSERT INTO outbox (id, sink, device_id, event_id, rule_id, topic, payload, headers, "
+    "timeout_s, qos, retain, hops, next_attempt_at, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+)
+DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ANY($1::varchar[])"
 #: SQLSTATE classes meaning "the database is away", not "the data is wrong".
 _OUTAGE_CLASSES = ("08", "53", "57")
 
@@ -60,6 +67,8 @@ class PostgresBatchWriter:
         batch: Sequence[Event],
         devices: Sequence[DeviceSummary],
         alerts: Sequence[dict[str, Any]] = (),
+        outbox: Sequence[OutboxRow] = (),
+        deletes: Sequence[str] = (),
     ) -> PreparedBatch:
         """The statement parameters of one batch (orjson may raise here)."""
         rows = [
@@ -89,23 +98,47 @@ class PostgresBatchWriter:
             )
             for alert in alerts
         ]
-        return rows, summaries, alert_values
+        outbox_values = [
+            (
+                row.id,
+                row.sink,
+                row.device_id,
+                row.event_id,
+                row.rule_id,
+                row.topic,
+                row.payload,
+                None if row.headers is None else json_text(row.headers),
+                row.timeout_s,
+                row.qos,
+                row.retain,
+                row.hops,
+                created := utc_datetime(row.created_at),
+                created,
+            )
+            for row in outbox
+        ]
+        return rows, summaries, alert_values, outbox_values, list(deletes)
 
     async def commit(self, prepared: PreparedBatch) -> None:
-        """Insert the events and alerts and upsert the devices of ``prepare`` in one
-        transaction; raise SQLAlchemy errors."""
-        rows, summaries, alert_values = prepared
+        """Insert the events, alerts and outbox rows, upsert the devices and delete the
+        delivered outbox rows of ``prepare`` in one transaction; raise SQLAlchemy errors."""
+        rows, summaries, alert_values, outbox_values, deletes = prepared
         conn = await self._engine.connect()
         try:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
             try:
                 async with driver.transaction():
-                    await driver.executemany(INSERT_EVENTS, rows)
+                    if rows:
+                        await driver.executemany(INSERT_EVENTS, rows)
                     if summaries:
                         await driver.executemany(UPSERT_DEVICES, summaries)
                     if alert_values:
                         await driver.executemany(INSERT_ALERTS, alert_values)
+                    if outbox_values:
+                        await driver.executemany(INSERT_OUTBOX, outbox_values)
+                    if deletes:
+                        await driver.execute(DELETE_OUTBOX, deletes)
                     faults.hit("db_io_error")
                     faults.hit("disk_full")
                     faults.hit("before_commit")

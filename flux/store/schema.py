@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -110,24 +111,42 @@ plugins = Table(
     Column("updated_at", Timestamp, nullable=False),
 )
 
-#: Webhook POSTs waiting to be delivered (or retried); ``flux.webhooks`` owns the rows.
-#: ``next_attempt_at`` doubles as the lease of a claimed row, ``claim_token`` says whose it is.
-webhook_outbox = Table(
-    "webhook_outbox",
+#: What waits for a sink: every row is committed with the batch that caused it and deleted
+#: once the sink's receiver confirmed it (``flux.sinks``). ``id`` sorts by creation (an event
+#: id), so a sink reads its rows in order. ``topic`` is the rendered destination: the MQTT
+#: topic, or the URL of a webhook. ``next_attempt_at`` and ``claim_token`` are the webhook
+#: sink's retry schedule and lease.
+outbox = Table(
+    "outbox",
     metadata,
-    Column("id", AutoId, primary_key=True, autoincrement=True),
-    Column("rule_id", String(64), nullable=False),
+    Column("id", String(32), primary_key=True),
+    Column("sink", String(64), nullable=False),
+    Column("device_id", String(255), nullable=True),
     Column("event_id", String(32), nullable=True),
-    Column("url", Text, nullable=False),
-    Column("headers", JsonType, nullable=False),
-    Column("body", LargeBinary, nullable=False),
-    Column("timeout_s", Float, nullable=False),
+    Column("rule_id", String(64), nullable=True),
+    Column("topic", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("headers", JsonType, nullable=True),
+    Column("timeout_s", Float, nullable=True),
+    Column("qos", Integer, nullable=False, server_default="1"),
+    Column("retain", Boolean, nullable=False, server_default=false()),
+    Column("hops", Integer, nullable=False, server_default="0"),
     Column("attempts", Integer, nullable=False, server_default="0"),
-    Column("next_attempt_at", Timestamp, nullable=False),
+    Column("next_attempt_at", Timestamp, nullable=True),
     Column("claim_token", String(32), nullable=True),
     Column("last_error", Text, nullable=False, server_default=""),
     Column("created_at", Timestamp, nullable=False),
-    Index("ix_webhook_outbox_next_attempt_at", "next_attempt_at"),
+    Index("ix_outbox_sink_id", "sink", "id"),
+    Index("ix_outbox_sink_next_attempt_at", "sink", "next_attempt_at"),
+)
+
+#: Which gateway process sends a sink's rows (one at a time keeps them in order), until when.
+sink_leases = Table(
+    "sink_leases",
+    metadata,
+    Column("sink", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
 )
 
 __all__ = [
@@ -136,7 +155,8 @@ __all__ = [
     "devices",
     "events",
     "metadata",
+    "outbox",
     "plugins",
     "rules",
-    "webhook_outbox",
+    "sink_leases",
 ]

@@ -32,6 +32,7 @@ from typing import Any
 
 from flux import faults
 from flux.events import Event
+from flux.sinks.rows import OutboxRow
 from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, payload_text, utc_datetime
 
 INSERT_EVENTS = (
@@ -58,14 +59,28 @@ INSERT_ALERTS = (
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
 
+INSERT_OUTBOX = (
+    "INSERT INTO outbox (id, sink, device_id, event_id, rule_id, topic, payload, headers, "
+    "timeout_s, qos, retain, hops, next_attempt_at, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+DELETE_OUTBOX = "DELETE FROM outbox WHERE id IN ({})"
+
 #: The most rows in one multi-row statement (SQLite takes up to 32,766 parameters in one);
 #: statements hold a power of two of rows, so a few cached texts serve every batch size.
 ROWS_PER_STATEMENT = 256
 
 #: One device's share of a batch: id, first and last arrival, messages, last payload.
 DeviceSummary = tuple[str, float, float, int, dict[str, Any]]
-#: A batch's statement parameters: event rows, device rows, alert rows.
-PreparedBatch = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+#: A batch's statement parameters: event rows, device rows, alert rows, outbox rows, and the
+#: ids of outbox rows to delete.
+PreparedBatch = tuple[
+    list[tuple[Any, ...]],
+    list[tuple[Any, ...]],
+    list[tuple[Any, ...]],
+    list[tuple[Any, ...]],
+    list[str],
+]
 
 
 @functools.cache
@@ -136,6 +151,37 @@ def device_rows(summaries: Sequence[DeviceSummary]) -> list[tuple[Any, ...]]:
     ]
 
 
+def outbox_rows(rows: Sequence[OutboxRow]) -> list[tuple[Any, ...]]:
+    """``rows`` as ``INSERT_OUTBOX`` parameters."""
+    sqlite_time = SqliteTime()
+    return [
+        (
+            row.id,
+            row.sink,
+            row.device_id,
+            row.event_id,
+            row.rule_id,
+            row.topic,
+            row.payload,
+            None if row.headers is None else json_text(row.headers),
+            row.timeout_s,
+            row.qos,
+            row.retain,
+            row.hops,
+            created := sqlite_time(row.created_at),
+            created,
+        )
+        for row in rows
+    ]
+
+
+def delete_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
+    """Delete the outbox rows ``ids``, a few hundred per statement."""
+    for start in range(0, len(ids), ROWS_PER_STATEMENT):
+        chunk = ids[start : start + ROWS_PER_STATEMENT]
+        conn.execute(DELETE_OUTBOX.format(", ".join("?" * len(chunk))), chunk)
+
+
 def alert_rows(alerts: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """``alerts`` rows (``flux.rules.alert_row``) as ``INSERT_ALERTS`` parameters."""
     sqlite_time = SqliteTime()
@@ -166,13 +212,21 @@ class SqliteBatchWriter:
         batch: Sequence[Event],
         devices: Sequence[DeviceSummary],
         alerts: Sequence[dict[str, Any]] = (),
+        outbox: Sequence[OutboxRow] = (),
+        deletes: Sequence[str] = (),
     ) -> PreparedBatch:
         """The statement parameters of one batch (orjson may raise here)."""
-        return event_rows(batch), device_rows(devices), alert_rows(alerts)
+        return (
+            event_rows(batch),
+            device_rows(devices),
+            alert_rows(alerts),
+            outbox_rows(outbox),
+            list(deletes),
+        )
 
     async def commit(self, prepared: PreparedBatch) -> None:
-        """Insert the events and alerts and upsert the devices of ``prepare`` in one
-        transaction; raise sqlite3 errors."""
+        """Insert the events, alerts and outbox rows, upsert the devices and delete the
+        delivered outbox rows of ``prepare`` in one transaction; raise sqlite3 errors."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._commit, *prepared)
 
@@ -202,6 +256,8 @@ class SqliteBatchWriter:
         rows: list[tuple[Any, ...]],
         devices: list[tuple[Any, ...]],
         alerts: list[tuple[Any, ...]],
+        outbox: list[tuple[Any, ...]],
+        deletes: list[str],
     ) -> None:
         conn = self._connection()
         try:
@@ -209,6 +265,8 @@ class SqliteBatchWriter:
             insert_rows(conn, INSERT_EVENTS, rows)
             insert_rows(conn, UPSERT_DEVICES, devices)
             insert_rows(conn, INSERT_ALERTS, alerts)
+            insert_rows(conn, INSERT_OUTBOX, outbox)
+            delete_rows(conn, deletes)
             faults.hit("db_io_error")
             faults.hit("disk_full")
             faults.hit("before_commit")

@@ -1,9 +1,11 @@
 """The batched writer: one transaction per batch, commit, then acknowledge in order.
 
 Event batches go to the database driver directly (``sqlite_batch``, ``postgres_batch``),
-with the alert rows the pipeline queued meanwhile in the same transaction (alerts no batch
-takes, when no event follows them, commit on their own a few milliseconds later); dead
-letters go through SQLAlchemy Core.
+with what rides on them in the same transaction (``flux.store.riders``): the alert and
+outbox rows the pipeline queued meanwhile, the outbox rows of the sinks the batch's events
+are routed to, and the deletions of outbox rows the sinks' receivers confirmed. Riders no
+batch takes, when no event follows them, commit on their own a little later; dead letters
+go through SQLAlchemy Core.
 
 Acknowledgement comes strictly after commit: an MQTT QoS 1 message is PUBACKed, an HTTP
 request answered, only once its row is durable. A database that is away makes the writer
@@ -25,7 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Self
 
 from orjson import JSONEncodeError
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -43,8 +45,12 @@ from flux.metrics import (
     SUBSCRIBER_ERRORS,
 )
 from flux.retry import DB_RETRY_FIRST_S, Backoff
+from flux.sinks.rows import OutboxRow
 from flux.store.database import sqlite_path, utc_datetime, writer_connection
+from flux.store.outbox import NO_SINKS, OutboxHooks, outbox_values
+from flux.store.riders import Riders
 from flux.store.schema import alerts, dead_letters
+from flux.store.schema import outbox as outbox_table
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch, SqliteBatchWriter
 
 if TYPE_CHECKING:
@@ -53,9 +59,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REASON_STORE_REJECTED = "store_rejected"
-#: How long queued alert rows wait for an event batch to take them along before they are
-#: committed on their own.
-ALERTS_ALONE_AFTER_S = 0.005
+#: How long queued alert and outbox rows wait for an event batch to take them along before
+#: they are committed on their own.
+RIDERS_ALONE_AFTER_S = 0.005
+#: The same for deletions of delivered outbox rows alone (nobody waits for those, but a crash
+#: before they commit sends those rows again).
+DELETES_ALONE_AFTER_S = 0.01
 _DEAD_LETTER_BATCH = 256
 _DEAD_LETTER_QUEUE = 1024
 #: ``dead_letter_backlog`` above this many queued dead letters, cleared below the low mark.
@@ -142,6 +151,7 @@ class StoreWriter:
         engine: AsyncEngine,
         retry_max_delay_s: float = 10.0,
         sqlite_synchronous: str = "FULL",
+        outbox: OutboxHooks | None = None,
     ) -> None:
         self._engine = engine
         self._retry_max_delay_s = retry_max_delay_s
@@ -159,11 +169,12 @@ class StoreWriter:
             self._batches = SqliteBatchWriter(path, synchronous=sqlite_synchronous)
         self._dead_letters: asyncio.Queue[DeadLetter] = asyncio.Queue(maxsize=_DEAD_LETTER_QUEUE)
         self._dead_letter_task: asyncio.Task[None] | None = None
-        # Alert rows waiting for a transaction, each group with the hook its commit calls.
-        self._alerts: list[tuple[Sequence[dict[str, Any]], Callable[[], None]]] = []
-        self._alerts_due = asyncio.Event()
-        self._batches_taken = 0  # event batches started (each takes the queued alert rows)
-        self._alert_task: asyncio.Task[None] | None = None
+        self._outbox = outbox or NO_SINKS
+        # What rides on the next batch (alert and outbox rows, outbox deletions).
+        self._riders = Riders()
+        self._riders_due = asyncio.Event()
+        self._batches_taken = 0  # event batches started (each takes the riders along)
+        self._rider_task: asyncio.Task[None] | None = None
         # The commit in progress (batches are prepared while the previous one commits).
         self._committing: asyncio.Task[None] | None = None
         # Writable as far as we know: from start-up (the database was just migrated) until
@@ -174,12 +185,16 @@ class StoreWriter:
         self.last_error = "not started"
 
     @classmethod
-    def from_config(cls, config: DatabaseConfig, *, engine: AsyncEngine) -> StoreWriter:
-        """A writer for ``engine`` with the configured retry cap and SQLite durability."""
+    def from_config(
+        cls, config: DatabaseConfig, *, engine: AsyncEngine, outbox: OutboxHooks | None = None
+    ) -> StoreWriter:
+        """A writer for ``engine`` with the configured retry cap and SQLite durability,
+        writing the outbox rows of the sinks ``outbox`` routes events to."""
         return cls(
             engine=engine,
             retry_max_delay_s=config.retry_max_delay_s,
             sqlite_synchronous=config.sqlite_synchronous,
+            outbox=outbox,
         )
 
     async def __aenter__(self) -> Self:
@@ -191,7 +206,7 @@ class StoreWriter:
         self._dead_letter_task = asyncio.create_task(
             self._dead_letter_loop(), name="store:dead-letters"
         )
-        self._alert_task = asyncio.create_task(self._alert_loop(), name="store:alerts")
+        self._rider_task = asyncio.create_task(self._rider_loop(), name="store:riders")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -201,14 +216,18 @@ class StoreWriter:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self.flush()
-        alert_task, self._alert_task = self._alert_task, None
-        if alert_task is not None:
-            alert_task.cancel()
-            await asyncio.gather(alert_task, return_exceptions=True)
-        if self._alerts:
+        rider_task, self._rider_task = self._rider_task, None
+        if rider_task is not None:
+            rider_task.cancel()
+            await asyncio.gather(rider_task, return_exceptions=True)
+        if self._riders:
+            await self._commit_riders_alone()
+        if self._riders.rows_waiting:
             log.warning(
-                "%d alert rows uncommitted at shutdown; their events are redelivered",
-                sum(len(rows) for rows, _ in self._alerts),
+                "%d alert and %d outbox rows uncommitted at shutdown; their events are "
+                "redelivered",
+                len(self._riders.alerts),
+                len(self._riders.outbox),
             )
         await self._batches.close()
 
@@ -225,36 +244,42 @@ class StoreWriter:
             await asyncio.gather(self._committing, return_exceptions=True)
 
     async def store_batch(self, batch: list[Event]) -> None:
-        """Prepare ``batch`` (with the alert rows queued meanwhile) and start its commit once
-        the previous batch's commit is over; it is acknowledged, in arrival order, after.
-        The bus's store subscriber.
+        """Prepare ``batch`` (with its riders and the outbox rows of the sinks its events are
+        routed to) and start its commit once the previous batch's commit is over; it is
+        acknowledged, in arrival order, after. The bus's store subscriber.
 
         Preparing a batch's rows overlaps the previous batch's commit (on the SQLite thread,
         or in PostgreSQL); commits stay one at a time and in order, so a crash redelivers at
-        most the batch committing and the one prepared behind it.
+        most the batch committing and the one prepared behind it. While a sink with the
+        ``block`` policy has a full backlog, the batch waits here (back-pressure).
         """
         if not batch:
             return
-        alerts, self._alerts = self._alerts, []
+        await self._outbox.wait_for_room()
+        riders, self._riders = self._riders, Riders()
         self._batches_taken += 1
-        rows = [row for group, _ in alerts for row in group]
+        routed = self._outbox.route(batch)
+        outbox = [*routed, *riders.outbox] if riders.outbox else routed
         prepared: PreparedBatch | None
         try:
-            prepared = self._batches.prepare(batch, _device_summaries(batch), rows)
+            prepared = self._batches.prepare(
+                batch, _device_summaries(batch), riders.alerts, outbox, riders.deletes
+            )
         except JSONEncodeError:
             prepared = None  # a payload orjson cannot write: the commit isolates it
         previous, self._committing = self._committing, None
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self._committing = asyncio.create_task(
-            self._commit(batch, prepared, alerts), name="store:commit"
+            self._commit(batch, prepared, riders, outbox), name="store:commit"
         )
 
     async def _commit(
         self,
         batch: Sequence[Event],
         prepared: PreparedBatch | None,
-        alerts: Sequence[tuple[Sequence[dict[str, Any]], Callable[[], None]]],
+        riders: Riders,
+        outbox: Sequence[OutboxRow],
     ) -> None:
         """Commit one prepared batch (retrying through outages), then acknowledge it."""
         try:
@@ -264,37 +289,48 @@ class StoreWriter:
                 else await self._with_retry(partial(self._batches.commit, prepared))
             )
             if rejected:
-                await self._isolate_rejected(batch)
-                await self._commit_alerts([row for group, _ in alerts for row in group])
+                outbox = await self._isolate_rejected(batch)
+                outbox.extend(riders.outbox)
+                await self._commit_riders(riders)
         except Exception:
             SUBSCRIBER_ERRORS.labels(subscriber="store").inc()
             log.exception("store failed on a batch of %d events; left for redelivery", len(batch))
             return
         faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
-        for _, confirm in alerts:
-            confirm()
+        self._outbox.committed(outbox)
+        riders.confirm()
         for event in batch:
             event.ack()
             faults.hit("mid_ack")
 
-    def _events_attempt(self, batch: Sequence[Event]) -> Callable[[], Awaitable[None]]:
-        """One try at committing ``batch`` and its device rows (orjson may refuse a payload)."""
+    def _event_attempt(
+        self, event: Event, routed: Sequence[OutboxRow]
+    ) -> Callable[[], Awaitable[None]]:
+        """One try at committing ``event``, its device row and the outbox rows routed from
+        it (orjson may refuse its payload)."""
 
         async def attempt() -> None:
-            await self._batches.commit(self._batches.prepare(batch, _device_summaries(batch)))
+            await self._batches.commit(
+                self._batches.prepare([event], _device_summaries([event]), (), routed)
+            )
 
         return attempt
 
-    async def _isolate_rejected(self, batch: Sequence[Event]) -> None:
-        """Write a rejected batch one event at a time; dead-letter the ones refused.
+    async def _isolate_rejected(self, batch: Sequence[Event]) -> list[OutboxRow]:
+        """Write a rejected batch one event at a time; dead-letter the ones refused (they
+        are forwarded nowhere). Return the outbox rows committed with the others.
 
         The dead letter holds the raw bytes in a binary column and escaped texts, so the
         database cannot refuse it for the content that got the event refused.
         """
+        committed: list[OutboxRow] = []
         for event in batch:
-            rejected = await self._with_retry(self._events_attempt([event]))
-            if rejected:
+            routed = self._outbox.route([event])
+            rejected = await self._with_retry(self._event_attempt(event, routed))
+            if not rejected:
+                committed.extend(routed)
+            else:
                 letter = DeadLetter(
                     topic=event.topic,
                     raw=event.raw,
@@ -308,36 +344,83 @@ class StoreWriter:
                     # Should be impossible; never acknowledge what is stored nowhere.
                     raise StoreUnavailable(f"the database refused a dead letter: {refused}")
                 DEAD_LETTERS.labels(reason=REASON_STORE_REJECTED).inc()
+        return committed
 
-    # -- alerts ---------------------------------------------------------------------------
+    # -- riders ---------------------------------------------------------------------------
 
     def add_alerts(self, rows: Sequence[dict[str, Any]], confirm: Callable[[], None]) -> None:
         """Queue alert rows for the next event batch's transaction; ``confirm`` runs once
         they are committed (with that batch, or on their own when no batch follows)."""
-        self._alerts.append((rows, confirm))
-        self._alerts_due.set()
+        self.add_rows(alerts=rows, confirm=confirm)
 
-    async def _alert_loop(self) -> None:
-        """Commit the alert rows no event batch takes along: those still queued after
-        ``ALERTS_ALONE_AFTER_S`` in which no batch started or committed (while batches
-        flow, the next one takes them)."""
+    def add_rows(
+        self,
+        *,
+        alerts: Sequence[dict[str, Any]] = (),
+        outbox: Sequence[OutboxRow] = (),
+        confirm: Callable[[], None],
+    ) -> None:
+        """Queue alert and outbox rows for the next event batch's transaction; ``confirm``
+        runs once they are committed."""
+        self._riders.add(alerts=alerts, outbox=outbox, confirm=confirm)
+        self._riders_due.set()
+
+    def delete_outbox(self, ids: Sequence[str]) -> None:
+        """Delete outbox rows whose receiver confirmed them, in a coming transaction (a
+        crash before it means they are sent again: at least once)."""
+        self._riders.deletes.extend(ids)
+        self._riders_due.set()
+
+    async def _rider_loop(self) -> None:
+        """Commit the riders no event batch takes along: rows still queued after
+        ``RIDERS_ALONE_AFTER_S`` in which no batch started or committed (while batches
+        flow, the next one takes them), and deletions alone after ``DELETES_ALONE_AFTER_S``."""
         while True:
-            await self._alerts_due.wait()
-            self._alerts_due.clear()
-            while self._alerts:
+            await self._riders_due.wait()
+            self._riders_due.clear()
+            while self._riders:
                 taken = self._batches_taken
-                await asyncio.sleep(ALERTS_ALONE_AFTER_S)
+                waiting = self._riders.rows_waiting
+                await asyncio.sleep(RIDERS_ALONE_AFTER_S if waiting else DELETES_ALONE_AFTER_S)
                 committing = self._committing is not None and not self._committing.done()
-                if self._batches_taken != taken or committing or not self._alerts:
+                if self._batches_taken != taken or committing or not self._riders:
                     continue
-                pending, self._alerts = self._alerts, []
-                try:
-                    await self._commit_alerts([row for group, _ in pending for row in group])
-                except Exception:
-                    log.exception("alert rows not committed; their events are redelivered")
-                    continue
-                for _, confirm in pending:
-                    confirm()
+                await self._commit_riders_alone()
+
+    async def _commit_riders_alone(self) -> None:
+        """Commit the queued riders in a transaction of their own, then confirm them."""
+        riders, self._riders = self._riders, Riders()
+        try:
+            rejected = await self._with_retry(
+                partial(
+                    self._batches.commit,
+                    self._batches.prepare((), (), riders.alerts, riders.outbox, riders.deletes),
+                )
+            )
+            if rejected:
+                await self._commit_riders(riders)
+        except Exception:
+            log.exception("alert and outbox rows not committed; their events are redelivered")
+            return
+        self._outbox.committed(riders.outbox)
+        riders.confirm()
+
+    async def _commit_riders(self, riders: Riders) -> None:
+        """The slow path after the database refused a batch: alert rows as ``_commit_alerts``
+        does, outbox rows and deletions through SQLAlchemy."""
+        await self._commit_alerts(riders.alerts)
+        if riders.outbox or riders.deletes:
+            refused = await self._with_retry(
+                self._transaction(partial(self._write_outbox, riders=riders))
+            )
+            if refused:
+                raise StoreUnavailable(f"the database refused outbox rows: {refused}")
+
+    async def _write_outbox(self, conn: AsyncConnection, riders: Riders) -> None:
+        if riders.outbox:
+            await conn.execute(insert(outbox_table), [outbox_values(row) for row in riders.outbox])
+        if riders.deletes:
+            await conn.execute(delete(outbox_table).where(outbox_table.c.id.in_(riders.deletes)))
 
     async def _commit_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Commit alert rows in one transaction; when the database refuses them, one by one,

@@ -208,13 +208,13 @@ async def test_sqlite_locked_by_an_external_writer(
     assert path is not None
     db = Db(settings.database.url)
     sim = SeqDevice("127.0.0.1", mosquitto.port)
-    lock = contextlib.ExitStack()
+    lock = contextlib.AsyncExitStack()
 
     async def take_down() -> None:
-        lock.enter_context(sqlite_write_lock(path))
+        await lock.enter_async_context(sqlite_write_lock(path))
 
     async def bring_up() -> None:
-        lock.close()
+        await lock.aclose()
 
     try:
         async with serve_gateway(settings) as (gateway, server):
@@ -234,7 +234,7 @@ async def test_sqlite_locked_by_an_external_writer(
             )
         assert await db.integrity_ok() == "ok"
     finally:
-        lock.close()
+        await lock.aclose()
         sim.close()
         await db.close()
 

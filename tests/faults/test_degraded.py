@@ -157,7 +157,7 @@ async def test_a_filling_dead_letter_queue_is_reported_and_clears(tmp_path: Path
     acked: list[int] = []
     try:
         async with StoreWriter(engine=engine, retry_max_delay_s=0.5) as writer:
-            with sqlite_write_lock(path):  # the dead letters cannot commit meanwhile
+            async with sqlite_write_lock(path):  # the dead letters cannot commit meanwhile
                 for n in range(900):
                     letter = DeadLetter(
                         topic="devices/x/telemetry",

@@ -45,6 +45,7 @@ VARIANTS: list[tuple[str, str, str, str, str]] = [
     ("open API without a token", "server", "host", "'0.0.0.0'", "server.api_token"),
     ("token file missing", "server", "api_token_file", "'absent-token'", "server.api_token_file"),
     ("certificate without key", "server", "tls_cert_file", "'config.toml'", "server.tls_key_file"),
+    ("unknown sink type", "sinks.cloud", "type", "'kafka'", "sinks.cloud"),
 ]
 
 # (name, environment override, key path)
@@ -149,3 +150,57 @@ def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path: Path, setting: s
     assert process.returncode == EXIT_CONFIG, stderr
     assert len(lines) == 1 and lines[0].startswith(f"flux: {setting}: cannot listen on"), stderr
     assert "in use" in lines[0], stderr
+
+
+# (name, TOML appended to a valid file, key path the error must name)
+SINK_VARIANTS = [
+    ("mqtt sink with an http url", '[sinks.up]\ntype = "mqtt"\nurl = "http://x"\n', "sinks.up.url"),
+    ("http sink with an ftp url", '[sinks.h]\ntype = "http"\nurl = "ftp://x/in"\n', "sinks.h.url"),
+    (
+        "unknown template field",
+        '[sinks.up]\ntype = "mqtt"\nurl = "mqtt://x"\ntopic = "a/{nope}"\n',
+        "sinks.up.topic",
+    ),
+    ("a built-in name", '[sinks.local]\ntype = "mqtt"\nurl = "mqtt://x"\n', "sinks"),
+]
+
+FORWARD_NOWHERE = """
+[[rules]]
+id = "fwd"
+topic = "devices/+/telemetry"
+when = "true"
+actions = [ { type = "forward", sink = "nowhere" } ]
+"""
+
+
+@pytest.mark.slow
+def test_bad_sinks_and_forwards_to_no_sink_exit_naming_the_key(tmp_path: Path) -> None:
+    """A broken ``[sinks.*]`` section, or a rule forwarding to a sink that is not
+    configured, stops start-up with exit code 2 and the key, before MQTT connects."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen(16)
+        listener.setblocking(False)
+        mqtt_port = listener.getsockname()[1]
+        runs = []
+        for index, (name, extra, path) in enumerate(SINK_VARIANTS):
+            directory = tmp_path / f"s{index}"
+            directory.mkdir()
+            config = _base_config(directory, mqtt_port)
+            config.write_text(config.read_text() + extra)
+            runs.append((name, path, _flux_run(config, clean_env())))
+        directory = tmp_path / "forward"
+        directory.mkdir()
+        config = _base_config(directory, mqtt_port)
+        (directory / "rules" / "fwd.toml").write_text(FORWARD_NOWHERE)
+        runs.append(
+            ("forward to no sink", "rules.fwd.forward[0].sink", _flux_run(config, clean_env()))
+        )
+        failures = []
+        for name, path, process in runs:
+            _, stderr = process.communicate(timeout=90)
+            if process.returncode != EXIT_CONFIG or path not in stderr:
+                failures.append(f"{name}: exit {process.returncode}, stderr {stderr[-500:]!r}")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no gateway reached MQTT
+    assert not failures, "\n".join(failures)

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.faults._harness import (
@@ -26,7 +25,6 @@ from tests.faults._harness import (
     MqttProxy,
     SeqDevice,
     clean_env,
-    metric_value,
     prime_session,
 )
 from tests.faults._harness import write_config as _write_config
@@ -169,9 +167,3 @@ async def test_sigkill_while_publishing_loses_no_publish_of_an_acknowledged_mess
 
 async def _stored_all(db: Db, topic: str) -> bool:
     return set(await db.seqs(topic)) >= set(range(SENT))
-
-
-async def _publishes_pending(gateway: GatewayProcess, count: int) -> bool:
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
-        text = (await client.get("/metrics")).text
-    return (metric_value(text, "flux_mqtt_publishes_pending") or 0) >= count

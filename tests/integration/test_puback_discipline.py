@@ -19,10 +19,8 @@ def _stored(path: Path, seq: int) -> bool:
     return any(f'"seq":{seq}' in row[0] for row in rows)
 
 
-async def _first_session(fake: FakeBroker) -> Session:
-    session = await asyncio.wait_for(fake.sessions.get(), 10)
-    await asyncio.wait_for(session.subscribed.wait(), 10)
-    return session
+async def _first_session(fake: FakeBroker, *, besides: Session | None = None) -> Session:
+    return await fake.subscriber(besides=besides)
 
 
 async def test_no_puback_before_the_batch_is_committed(tmp_path: Path, start_gateway: Any) -> None:
@@ -33,7 +31,7 @@ async def test_no_puback_before_the_batch_is_committed(tmp_path: Path, start_gat
             session = await _first_session(fake)
             db = tmp_path / "flux.db"
             errors_before = DB_WRITE_ERRORS._value.get()
-            with sqlite_write_lock(db):
+            async with sqlite_write_lock(db):
                 session.publish(f"devices/{dev}/telemetry", b'{"seq": 1}', packet_id=1)
                 # The writer has tried to commit and been refused at least once.
                 await wait_until(
@@ -73,13 +71,13 @@ async def test_no_stale_puback_after_a_reconnect(tmp_path: Path, start_gateway: 
             first = await _first_session(fake)
             db = tmp_path / "flux.db"
             stale_before = MQTT_STALE_ACKS._value.get()
-            with sqlite_write_lock(db):
+            async with sqlite_write_lock(db):
                 first.publish(topic, b'{"seq": 7}', packet_id=7)
                 assert gateway.mqtt is not None
                 mqtt = gateway.mqtt
                 await wait_until(lambda: mqtt.pending == 1, what="message in flight")
                 first.drop()
-                second = await _first_session(fake)
+                second = await _first_session(fake, besides=first)
             # The first message commits now, after its connection is gone.
             await wait_until(lambda: _stored(db, 7), timeout=30, what="row committed")
             await wait_until(

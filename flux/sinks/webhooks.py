@@ -1,13 +1,15 @@
-"""The durable webhook outbox: queue POSTs in SQL, deliver them, retry with backoff, dead-letter.
+"""The webhooks sink: rule ``webhook`` actions' POSTs, each retried on its own, then dead-lettered.
 
-A webhook action writes its request to ``webhook_outbox`` and returns; nothing is sent from the
-rule path. A sender loop claims due rows, POSTs them with a total deadline of the request's
-``timeout_s``, and then deletes the row (2xx), reschedules it with capped, jittered exponential
-backoff (anything else; a numeric ``Retry-After`` on 429/503 is honoured up to ``max_delay_s``),
-or after ``max_attempts`` moves it to ``dead_letters`` (reason ``webhook_failed``) in the same
-transaction. Results of concurrent attempts are group-committed (one fsync for several). Rows
-survive a restart: a new outbox on the same database picks them up; at shutdown, attempts still
-in flight are handed back (due at once, attempt not counted).
+A webhook action's request is an outbox row of the built-in sink ``webhooks`` (committed with
+the batch that caused it, like every outbox row); nothing is sent from the rule path. Unlike
+an ordered sink, each row has its own URL and its own fate: a sender loop claims due rows,
+POSTs them (up to ``webhooks.concurrency`` at once) with a total deadline of the request's
+``timeout_s``, and then deletes the row (2xx), reschedules it with capped, jittered
+exponential backoff (anything else; a numeric ``Retry-After`` on 429/503 is honoured up to
+``max_delay_s``), or after ``max_attempts`` moves it to ``dead_letters`` (reason
+``webhook_failed``) in the same transaction. Results of concurrent attempts are
+group-committed (one fsync for several). At shutdown, attempts still in flight are handed
+back (due at once, attempt not counted).
 
 Claiming is a lease: in one short write transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
 ``BEGIN IMMEDIATE`` on SQLite) the row's ``next_attempt_at`` moves to the end of the attempt
@@ -28,28 +30,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 
-from prometheus_client import Counter, Gauge
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flux import __version__, faults
 from flux.config import WebhooksConfig
-from flux.errors import StoreUnavailable
 from flux.metrics import DEAD_LETTERS
 from flux.retry import DB_RETRY_FIRST_S, Backoff, exponential_delay
-from flux.rules.actions import WebhookRequest, webhook_request
-from flux.rules.model import WebhookAction
+from flux.sinks.metrics import SINK_CONNECTED, SINK_DROPPED, SINK_FAILURES, SINK_SENT
+from flux.sinks.outbox import row_created_at
+from flux.sinks.rows import OutboxRow
 from flux.store.database import writer_connection
-from flux.store.schema import dead_letters, webhook_outbox
+from flux.store.schema import dead_letters
+from flux.store.schema import outbox as table
 
 if TYPE_CHECKING:
     import httpx
 
-    from flux.rules.batch import RuleMatch
 
 log = logging.getLogger(__name__)
 
+#: The built-in sink's name (``outbox.sink``, the metrics' ``sink`` label).
+WEBHOOKS = "webhooks"
 REASON_WEBHOOK_FAILED = "webhook_failed"
 #: ``dead_letters.source`` of a webhook that was given up on.
 SOURCE_WEBHOOK = "webhook"
@@ -65,18 +67,8 @@ _MIN_WAIT_S = 0.01
 _ERROR_BODY_BYTES = 512
 _RELEASE_TIMEOUT_S = 5.0
 
-DELIVERIES = Counter(
-    "flux_webhook_deliveries_total",
-    "Webhook delivery attempts by outcome (delivered, retry, gave_up)",
-    ["result"],
-)
-OUTBOX_PENDING = Gauge(
-    "flux_webhook_outbox_pending",
-    "Webhooks waiting in the outbox, in flight included (the table, so every process)",
-)
-_DELIVERED = DELIVERIES.labels(result="delivered")
-_RETRY = DELIVERIES.labels(result="retry")
-_GAVE_UP = DELIVERIES.labels(result="gave_up")
+_SENT = SINK_SENT.labels(sink=WEBHOOKS)
+_GAVE_UP = SINK_DROPPED.labels(sink=WEBHOOKS, reason="gave_up")
 
 
 def _now() -> datetime:
@@ -92,7 +84,7 @@ def _aware(value: datetime) -> datetime:
 class _Claim:
     """A row this process leased for one attempt."""
 
-    id: int
+    id: str
     token: str
     rule_id: str
     event_id: str | None
@@ -108,6 +100,8 @@ class _Outcome:
     ok: bool
     error: str = ""
     retry_after_s: float | None = None
+    #: The failure's label in ``flux_sink_failures_total`` (timeout, connect, http_503...).
+    reason: str = ""
 
 
 #: An attempt waiting for the group commit, and the future its delivery task waits on.
@@ -126,13 +120,15 @@ def _retry_after(response: httpx.Response) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-class WebhookOutbox:
-    """Queue webhook POSTs durably and deliver them with retries; an async context manager.
+class WebhookSink:
+    """Deliver the ``webhooks`` sink's rows with retries; an async context manager.
 
-    ``enqueue`` works whether or not the sender runs (rows wait in the table); inside
-    ``async with`` the sender delivers them. The sender never raises: a database outage is
-    logged once and retried with backoff, a failing endpoint is retried per row.
+    Rows wait in the table whether or not the sender runs; inside ``async with`` the sender
+    delivers them. The sender never raises: a database outage is logged once and retried with
+    backoff, a failing endpoint is retried per row.
     """
+
+    name = WEBHOOKS
 
     def __init__(
         self,
@@ -167,17 +163,25 @@ class WebhookOutbox:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = asyncio.Event()
-        self._inflight: dict[int, tuple[_Claim, asyncio.Task[None]]] = {}
+        self._inflight: dict[str, tuple[_Claim, asyncio.Task[None]]] = {}
         # SQLite has one writer at a time and its busy handler sleeps for milliseconds; our
         # own write transactions take turns here instead.
         self._write_lock = asyncio.Lock() if not self._postgres else None
         self._results: list[_Result] = []
         self._recorder: asyncio.Task[None] | None = None
+        self.paused = False
+        self.leased = True  # every process may send: rows are claimed one by one
+        self.backlog_rows = 0
+        self.backlog_bytes = 0
+        self._oldest_id: str | None = None
+        self.sent = 0
+        self.last_error = ""
+        self.connected = True
 
     @classmethod
     def from_config(
         cls, config: WebhooksConfig, *, engine: AsyncEngine, shutdown_timeout_s: float
-    ) -> WebhookOutbox:
+    ) -> WebhookSink:
         """An outbox in ``engine`` with the configured retries and concurrency."""
         return cls(
             engine=engine,
@@ -198,11 +202,12 @@ class WebhookOutbox:
 
     async def __aenter__(self) -> Self:
         if self._task is not None:
-            raise RuntimeError("the webhook outbox is already running")
+            raise RuntimeError("the webhooks sink is already running")
         self._client = self._given_client  # else made on the first delivery
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="webhooks:sender")
+        SINK_CONNECTED.labels(sink=WEBHOOKS).set(1)
+        self._task = asyncio.create_task(self._run(), name="sink:webhooks:send")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -241,54 +246,42 @@ class WebhookOutbox:
             await client.aclose()
         self._wake = None
 
-    # -- queueing -------------------------------------------------------------------------
+    # -- rows in, and what it reports ----------------------------------------------------
 
-    async def enqueue(
-        self, requests: Sequence[WebhookRequest], *, rule_id: str, event_id: str | None
-    ) -> None:
-        """Write ``requests`` to the outbox in one transaction, then wake the sender.
-
-        Raise ``StoreUnavailable`` when the database cannot take them (nothing is queued).
-        """
-        if not requests:
-            return
-        now = _now()
-        rows = [
-            {
-                "rule_id": rule_id,
-                "event_id": event_id,
-                "url": request.url,
-                "headers": dict(request.headers),
-                "body": request.body,
-                "timeout_s": request.timeout_s,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "claim_token": None,
-                "last_error": "",
-                "created_at": now,
-            }
-            for request in requests
-        ]
-        try:
-            async with self._transaction() as conn:
-                await conn.execute(insert(webhook_outbox), rows)
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(
-                f"could not queue {len(rows)} webhook(s): {str(exc).splitlines()[0]}",
-                rule_id=rule_id,
-                event_id=event_id,
-            ) from exc
-        OUTBOX_PENDING.inc(len(rows))
+    def committed(self, rows: Sequence[OutboxRow]) -> None:
+        """New webhook rows are committed: look for due rows at once."""
+        self.backlog_rows += len(rows)
+        self.backlog_bytes += sum(row.size for row in rows)
         if self._wake is not None:
             self._wake.set()
 
-    async def handler(self, match: RuleMatch, action: Any) -> None:
-        """Queue the POST of a webhook action: ``executor.register("webhook", outbox.handler)``."""
-        if not isinstance(action, WebhookAction):
-            raise TypeError(f"not a webhook action: {type(action).__name__}")
-        await self.enqueue(
-            [webhook_request(match, action)], rule_id=match.rule.id, event_id=match.event.id
-        )
+    @property
+    def full(self) -> bool:
+        return False  # bounded by dead-lettering after max_attempts, not by size
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    def oldest_age_s(self) -> float:
+        if self._oldest_id is None or not self.backlog_rows:
+            return 0.0
+        return max(0.0, _now().timestamp() - row_created_at(self._oldest_id))
+
+    def send_rate(self) -> float:
+        return 0.0
+
+    @property
+    def error(self) -> str:
+        return self.last_error
+
+    def pause(self) -> None:
+        """Stop starting deliveries (rows keep coming in and wait)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._wake is not None:
+            self._wake.set()
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -301,14 +294,6 @@ class WebhookOutbox:
                     faults.hit("disk_full")
             finally:
                 await conn.close()
-
-    async def pending(self) -> int:
-        """Return how many rows wait in the outbox (every process's, in flight included)."""
-        async with self._engine.connect() as conn:
-            count = (
-                await conn.execute(select(func.count()).select_from(webhook_outbox))
-            ).scalar_one()
-        return int(count)
 
     # -- sender loop ----------------------------------------------------------------------
 
@@ -324,9 +309,9 @@ class WebhookOutbox:
                 delay = backoff.next()
                 if not failing:
                     failing = True
-                    log.warning("webhook outbox cannot read its table, retrying: %s", exc)
+                    log.warning("webhooks sink cannot read the outbox, retrying: %s", exc)
                 else:
-                    log.debug("webhook outbox still failing: %s", exc)
+                    log.debug("webhooks sink still failing: %s", exc)
                 # An enqueue that commits, a finished delivery or stopping ends the pause early.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -334,7 +319,7 @@ class WebhookOutbox:
             if failing:
                 failing = False
                 backoff.reset()
-                log.info("webhook outbox reaches its table again")
+                log.info("webhooks sink reaches the outbox again")
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait_s)
@@ -342,10 +327,10 @@ class WebhookOutbox:
     async def _pump(self) -> float:
         """Claim and start what is due; return how long to wait before looking again."""
         free = self.concurrency - len(self._inflight)
-        if free <= 0:
-            return self.poll_interval_s  # a finishing delivery wakes the loop
-        pending, next_due = await self._peek()
-        OUTBOX_PENDING.set(pending)
+        if free <= 0 or self.paused:
+            return self.poll_interval_s  # a finishing delivery or resume wakes the loop
+        pending, size, oldest, next_due = await self._peek()
+        self.backlog_rows, self.backlog_bytes, self._oldest_id = pending, size, oldest
         now = _now()
         if next_due is None:
             return self.poll_interval_s
@@ -353,21 +338,24 @@ class WebhookOutbox:
             return min(self.poll_interval_s, max(_MIN_WAIT_S, (next_due - now).total_seconds()))
         claims = await self._claim(free)
         for claim in claims:
-            task = asyncio.create_task(self._deliver(claim), name=f"webhooks:deliver:{claim.id}")
+            task = asyncio.create_task(self._deliver(claim), name=f"sink:webhooks:{claim.id}")
             self._inflight[claim.id] = (claim, task)
         # Something was due: look again at once, unless another sender holds what is due.
         return 0.0 if claims else min(self.poll_interval_s, _MIN_WAIT_S * 5)
 
-    async def _peek(self) -> tuple[int, datetime | None]:
-        """Return the outbox size and the earliest ``next_attempt_at`` (a read, no lock)."""
-        query = select(func.count(), func.min(webhook_outbox.c.next_attempt_at))
+    async def _peek(self) -> tuple[int, int, str | None, datetime | None]:
+        """The backlog (rows, bytes, oldest id) and the earliest ``next_attempt_at``."""
+        size = func.coalesce(func.sum(func.length(table.c.payload) + func.length(table.c.topic)), 0)
+        query = select(
+            func.count(), size, func.min(table.c.id), func.min(table.c.next_attempt_at)
+        ).where(table.c.sink == WEBHOOKS)
         async with self._engine.connect() as conn:
-            count, earliest = (await conn.execute(query)).one()
-        return int(count), None if earliest is None else _aware(earliest)
+            count, total, oldest, earliest = (await conn.execute(query)).one()
+        due = None if earliest is None else _aware(earliest)
+        return int(count), int(total), oldest, due
 
     async def _claim(self, limit: int) -> list[_Claim]:
         """Lease up to ``limit`` due rows in one write transaction."""
-        table = webhook_outbox
         token = uuid.uuid4().hex
         now = _now()
         query = (
@@ -375,13 +363,13 @@ class WebhookOutbox:
                 table.c.id,
                 table.c.rule_id,
                 table.c.event_id,
-                table.c.url,
+                table.c.topic,
                 table.c.headers,
-                table.c.body,
+                table.c.payload,
                 table.c.timeout_s,
                 table.c.attempts,
             )
-            .where(table.c.next_attempt_at <= now)
+            .where(table.c.sink == WEBHOOKS, table.c.next_attempt_at <= now)
             .order_by(table.c.next_attempt_at, table.c.id)
             .limit(limit)
         )
@@ -400,7 +388,8 @@ class WebhookOutbox:
                     [
                         {
                             "row_id": row.id,
-                            "lease_until": now + timedelta(seconds=row.timeout_s + LEASE_MARGIN_S),
+                            "lease_until": now
+                            + timedelta(seconds=(row.timeout_s or 0) + LEASE_MARGIN_S),
                         }
                         for row in rows
                     ],
@@ -409,12 +398,12 @@ class WebhookOutbox:
             _Claim(
                 id=row.id,
                 token=token,
-                rule_id=row.rule_id,
+                rule_id=row.rule_id or "",
                 event_id=row.event_id,
-                url=row.url,
+                url=row.topic,
                 headers=dict(row.headers or {}),
-                body=bytes(row.body),
-                timeout_s=float(row.timeout_s),
+                body=bytes(row.payload),
+                timeout_s=float(row.timeout_s or 5.0),
                 attempts=int(row.attempts),
             )
             for row in rows
@@ -463,15 +452,19 @@ class WebhookOutbox:
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
-            return _Outcome(ok=False, error=f"no response within {claim.timeout_s:g}s")
+            return _Outcome(
+                ok=False, error=f"no response within {claim.timeout_s:g}s", reason="timeout"
+            )
         except Exception as exc:  # refused, reset, bad URL or header: all worth a retry
-            return _Outcome(ok=False, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+            error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            return _Outcome(ok=False, error=error, reason="connect")
         text = excerpt[:_ERROR_BODY_BYTES].decode("utf-8", "replace").strip()
         error = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
         return _Outcome(
             ok=False,
             error=f"{error}: {text}" if text else error,
             retry_after_s=_retry_after(response),
+            reason=f"http_{response.status_code}",
         )
 
     def backoff_s(self, attempts: int, retry_after_s: float | None = None) -> float:
@@ -486,7 +479,7 @@ class WebhookOutbox:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._results.append((claim, outcome, future))
         if self._recorder is None or self._recorder.done():
-            self._recorder = asyncio.create_task(self._record_loop(), name="webhooks:recorder")
+            self._recorder = asyncio.create_task(self._record_loop(), name="sink:webhooks:record")
         await future
 
     async def _record_loop(self) -> None:
@@ -515,7 +508,6 @@ class WebhookOutbox:
 
     async def _record(self, batch: Sequence[_Result]) -> list[tuple[bool, bool]]:
         """Delete, reschedule or dead-letter each row still ours; return (owned, gave_up)."""
-        table = webhook_outbox
         now = _now()
         recorded: list[tuple[bool, bool]] = []
         async with self._transaction() as conn:
@@ -551,11 +543,12 @@ class WebhookOutbox:
                 claim.id,
             )
         elif outcome.ok:
-            _DELIVERED.inc()
-            OUTBOX_PENDING.dec()
+            _SENT.inc()
+            self.sent += 1
+            self.backlog_rows = max(0, self.backlog_rows - 1)
         elif gave_up:
             _GAVE_UP.inc()
-            OUTBOX_PENDING.dec()
+            self.backlog_rows = max(0, self.backlog_rows - 1)
             DEAD_LETTERS.labels(reason=REASON_WEBHOOK_FAILED).inc()
             log.warning(
                 "webhook %d of rule %s to %s given up after %d attempts: %s",
@@ -565,8 +558,9 @@ class WebhookOutbox:
                 claim.attempts + 1,
                 outcome.error,
             )
-        else:
-            _RETRY.inc()
+        if not outcome.ok and owned:
+            self.last_error = outcome.error
+            SINK_FAILURES.labels(sink=WEBHOOKS, reason=outcome.reason).inc()
 
     def _dead_letter(self, claim: _Claim, outcome: _Outcome) -> dict[str, Any]:
         detail = (
@@ -584,7 +578,6 @@ class WebhookOutbox:
 
     async def _release(self, claims: Sequence[_Claim]) -> None:
         """Hand unfinished claims back (due now, attempts unchanged); best effort."""
-        table = webhook_outbox
         statement = (
             update(table)
             .where(
@@ -610,11 +603,10 @@ class WebhookOutbox:
 
 __all__ = [
     "ATTEMPT_HEADER",
-    "DELIVERIES",
     "DELIVERY_HEADER",
     "LEASE_MARGIN_S",
-    "OUTBOX_PENDING",
     "REASON_WEBHOOK_FAILED",
     "SOURCE_WEBHOOK",
-    "WebhookOutbox",
+    "WEBHOOKS",
+    "WebhookSink",
 ]

@@ -1,20 +1,20 @@
-"""Rule ``publish`` actions on an MQTT session of their own: handed off, pipelined, confirmed.
+"""MQTT sinks: an MQTT session of their own per sink, pipelined, confirmed by PUBACK.
 
-``publish`` queues a message and returns at once (it waits only while ``max_queued``
-messages are already waiting), so the pipeline never stalls on the broker. Every message
-queued in one event-loop turn is written in one socket write, QoS 1 ones as far as the
-broker's Receive Maximum allows; each PUBACK frees a slot and the next queued messages go
-out in the same turn. A message's ``confirm`` runs once the broker has it: its PUBACK for
-QoS 1, the hand-off to the socket for QoS 0. The pipeline acknowledges the event that
-caused a publish only then, so a crash before the PUBACK means redelivery of the event and
-a new publish: at least once.
+``MqttSession.publish`` queues a message and returns at once (it waits only while
+``max_queued`` messages are already waiting). Every message queued in one event-loop turn
+is written in one socket write, QoS 1 ones as far as the broker's Receive Maximum allows;
+each PUBACK frees a slot and the next queued messages go out in the same turn. A message's
+``confirm`` runs once the broker has it: its PUBACK for QoS 1, the hand-off to the socket
+for QoS 0. When the connection drops, the messages in flight go back to the head of the
+queue and are sent again, in their order, once gmqtt has reconnected. PUBLISH packets are
+encoded here (gmqtt's own publish path writes one packet per socket write and keeps its
+packet ids to itself); connecting, keepalive and reconnecting stay gmqtt's
+(``flux.ingest._gmqtt``).
 
-The session (clean start, opened on the first publish) is never read-gated, unlike the
-ingest session whose read gate holds back the PUBACKs the broker waits for. When the
-connection drops, the messages in flight go back to the head of the queue and are sent
-again, in their order, once gmqtt has reconnected. PUBLISH packets are encoded here
-(gmqtt's own publish path writes one packet per socket write and keeps its packet ids to
-itself); connecting, keepalive and reconnecting stay gmqtt's (``flux.ingest._gmqtt``).
+``MqttTransport`` is what an ``OrderedSink`` sends its rows through: the built-in ``local``
+sink (rule ``publish`` actions to the gateway's own broker, on the session
+``<client_id>-pub``, never read-gated unlike the ingest session) and every ``type = "mqtt"``
+sink (an upstream broker, on a persistent session).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Self
 
 from flux import faults
@@ -33,13 +34,17 @@ from flux.config import MqttConfig
 from flux.errors import MqttConnectError
 from flux.events import PublishMessage
 from flux.ingest._gmqtt import MQTTv50, PublisherClient, connect
-from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import HOPS_PROPERTY
-from flux.metrics import PUBLISHES_PENDING, PUBLISHES_REFUSED
 from flux.retry import Backoff
+from flux.sinks.metrics import SINK_CONNECTED, SINK_FAILURES
+from flux.sinks.rows import OutboxRow
+from flux.sinks.sender import Confirm
 
 log = logging.getLogger(__name__)
 
+#: MQTT 5 user property carrying the event id a forwarded message comes from (a receiver
+#: deduplicates on it).
+EVENT_ID_PROPERTY = "flux-event-id"
 #: QoS 1 messages in flight when the broker announces no Receive Maximum (MQTT 3.1.1).
 DEFAULT_WINDOW = 1_024
 _RECONNECT_DELAY_S = 1.0
@@ -85,20 +90,26 @@ class _Outgoing:
         return bytes((first,)) + _varint(length) + body + self.payload
 
 
-class MqttPublisher:
-    """Publish rule actions' messages; see the module docstring for the guarantees."""
+class MqttSession:
+    """One sink's MQTT session; see the module docstring for the guarantees."""
 
     def __init__(
         self,
         *,
+        name: str,
         config: MqttConfig,
-        broker: MqttBroker,
+        client_id: str,
+        protocol: Callable[[], int],
+        persistent: bool,
         max_queued: int = 10_000,
         connect_timeout_s: float = 15.0,
     ) -> None:
+        self.name = name
         self._config = config
-        self._client_id = f"{config.client_id}-pub"
-        self._broker = broker
+        self._client_id = client_id
+        self._protocol = protocol
+        self._persistent = persistent
+        self._connected_gauge = SINK_CONNECTED.labels(sink=name)
         self._max_queued = max_queued
         self._connect_timeout_s = connect_timeout_s
         self._client: PublisherClient | None = None
@@ -114,15 +125,35 @@ class MqttPublisher:
         self._closed = False
         self._hops_properties: dict[int, bytes] = {}
         self._refusals_logged = False
-        PUBLISHES_PENDING.set_function(lambda: self.pending)
+        self.last_error = ""
+        #: Called when the session connects or loses its connection (the sink sends again).
+        self.on_change: Callable[[], None] = _noop
 
     @property
     def pending(self) -> int:
         """Messages queued or in flight (not yet confirmed)."""
         return len(self._queue) + len(self._in_flight)
 
+    @property
+    def window(self) -> int:
+        """QoS 1 messages the broker lets us have unconfirmed (its Receive Maximum)."""
+        return self._window
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
     async def __aenter__(self) -> Self:
-        return self  # the session opens on the first publish: most gateways never publish
+        self._connected_gauge.set(0)
+        self._connect()
+        return self
+
+    def _connect(self) -> None:
+        """Open the session in the background (retrying until the broker answers)."""
+        if self._client is None and self._connector is None and not self._closed:
+            self._connector = asyncio.create_task(
+                self._connect_loop(), name=f"sink:{self.name}:connect"
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
@@ -132,8 +163,9 @@ class MqttPublisher:
             await asyncio.gather(self._connector, return_exceptions=True)
         if self.pending:
             log.warning(
-                "%d rule publishes not confirmed by the broker at shutdown; the events that "
-                "caused them stay unacknowledged and are redelivered",
+                "sink %s: %d messages not confirmed by the broker at shutdown; they stay in "
+                "the outbox and are sent again",
+                self.name,
                 self.pending,
             )
         client, self._client = self._client, None
@@ -152,29 +184,33 @@ class MqttPublisher:
             self._room.clear()
             await self._room.wait()
         if self._closed:
-            raise MqttConnectError("the publishing session is closed; not published")
+            raise MqttConnectError(f"sink {self.name}: the session is closed; not published")
         self._queue.append(
             _Outgoing(
                 message.qos,
                 message.retain,
                 _utf8(message.topic),
-                self._properties(message.hops),
+                self._properties(message.hops, message.event_id),
                 message.payload,
                 confirm,
             )
         )
-        if self._client is None and self._connector is None:
-            self._connector = asyncio.create_task(self._connect_loop(), name="mqtt:publisher")
+        self._connect()
         self._schedule_flush()
 
-    def _properties(self, hops: int) -> bytes:
-        if self._broker.protocol_version < MQTTv50:
+    def _properties(self, hops: int, event_id: str | None) -> bytes:
+        """The MQTT 5 user properties: the hop count, and the event id when there is one."""
+        if self._protocol() < MQTTv50:
             return b""
-        properties = self._hops_properties.get(hops)
-        if properties is None:
-            pair = b"\x26" + _utf8(HOPS_PROPERTY) + _utf8(str(hops))
-            properties = self._hops_properties[hops] = _varint(len(pair)) + pair
-        return properties
+        if event_id is None:
+            properties = self._hops_properties.get(hops)
+            if properties is None:
+                pair = _user_property(HOPS_PROPERTY, str(hops))
+                properties = self._hops_properties[hops] = _varint(len(pair)) + pair
+            return properties
+        pairs = _user_property(HOPS_PROPERTY, str(hops))
+        pairs += _user_property(EVENT_ID_PROPERTY, event_id)
+        return _varint(len(pairs)) + pairs
 
     # -- the session ---------------------------------------------------------------------
 
@@ -185,7 +221,8 @@ class MqttPublisher:
         while self._client is None and not self._closed:
             client = PublisherClient(
                 self._client_id,
-                clean_session=True,
+                clean_session=not self._persistent,
+                session_expiry_interval=self._config.session_expiry_s if self._persistent else 0,
                 on_puback=self._on_puback,
                 on_session=self._on_session,
             )
@@ -195,13 +232,15 @@ class MqttPublisher:
                 await connect(
                     client,
                     self._config,
-                    version=self._broker.protocol_version,
+                    version=self._protocol(),
                     timeout_s=self._connect_timeout_s,
-                    what="the publishing session to",
+                    what=f"sink {self.name} to",
                 )
             except MqttConnectError as exc:
                 self._client = None
                 self._connected = False
+                self.last_error = str(exc)
+                SINK_FAILURES.labels(sink=self.name, reason="connect").inc()
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -213,12 +252,17 @@ class MqttPublisher:
         if connected == self._connected:
             return
         self._connected = connected
+        self._connected_gauge.set(1 if connected else 0)
+        self.last_error = "" if connected else "the connection to the broker was lost"
+        self.on_change()
         if connected and self._client is not None:
             self._window = self._client.receive_maximum() or DEFAULT_WINDOW
             self._schedule_flush()
         elif self._in_flight:
+            SINK_FAILURES.labels(sink=self.name, reason="disconnected").inc()
             log.warning(
-                "publishing session lost; %d unconfirmed publishes are sent again on reconnect",
+                "sink %s: session lost; %d unconfirmed messages are sent again on reconnect",
+                self.name,
                 len(self._in_flight),
             )
             self._queue.extendleft(reversed(list(self._in_flight.values())))
@@ -280,17 +324,69 @@ class MqttPublisher:
         if message is None:
             return  # a PUBACK for a packet of an earlier connection
         if reason >= _REFUSED:
-            PUBLISHES_REFUSED.labels(reason=f"0x{reason:02x}").inc()
+            SINK_FAILURES.labels(sink=self.name, reason=f"refused_0x{reason:02x}").inc()
+            self.last_error = f"the broker refused a message (PUBACK reason 0x{reason:02x})"
             if not self._refusals_logged:
                 self._refusals_logged = True
                 log.error(
-                    "the broker refused a rule publish (PUBACK reason 0x%02x); counted in "
-                    "flux_mqtt_publishes_refused_total, not retried",
-                    reason,
+                    "sink %s: %s; counted in flux_sink_failures_total, not retried",
+                    self.name,
+                    self.last_error,
                 )
         message.confirm()
         if self._queue:
             self._schedule_flush()
 
 
-__all__ = ["DEFAULT_WINDOW", "MqttPublisher"]
+def _user_property(key: str, value: str) -> bytes:
+    return b"\x26" + _utf8(key) + _utf8(value)
+
+
+class MqttTransport:
+    """Send an ``OrderedSink``'s rows as PUBLISHes of one ``MqttSession``."""
+
+    def __init__(self, session: MqttSession, *, window: int, with_event_id: bool) -> None:
+        self.session = session
+        self._window = window
+        self._with_event_id = with_event_id
+
+    @property
+    def window(self) -> int:
+        """Rows the sink may hand over: none while the session is down (they stay the
+        sink's, so ``drop_oldest`` may still drop them), else as many as are pipelined."""
+        return self._window if self.session.connected else 0
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self.session.on_change = callback
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected
+
+    @property
+    def last_error(self) -> str:
+        return self.session.last_error
+
+    async def __aenter__(self) -> Self:
+        await self.session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.session.__aexit__(None, None, None)
+
+    async def send(self, rows: list[OutboxRow], confirm: Confirm) -> None:
+        """Queue every row as a PUBLISH; each is confirmed on its PUBACK (QoS 0: once
+        written). The session resends what a lost connection left unconfirmed."""
+        for row in rows:
+            message = PublishMessage(
+                topic=row.topic,
+                payload=row.payload,
+                qos=row.qos,
+                retain=row.retain,
+                hops=row.hops,
+                event_id=row.event_id if self._with_event_id else None,
+            )
+            await self.session.publish(message, confirm=partial(confirm, [row]))
+
+
+__all__ = ["DEFAULT_WINDOW", "EVENT_ID_PROPERTY", "MqttSession", "MqttTransport"]
