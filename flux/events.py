@@ -114,8 +114,6 @@ class PublishMessage:
     qos: int
     retain: bool
     hops: int
-    #: The event a forwarded message carries (MQTT 5 user property ``flux-event-id``).
-    event_id: str | None = None
 
 
 class _IdGenerator:

@@ -1,15 +1,14 @@
 """MQTT sinks: an MQTT session of their own per sink, pipelined, confirmed by PUBACK.
 
-``MqttSession.publish`` queues a message and returns at once (it waits only while
-``max_queued`` messages are already waiting). Every message queued in one event-loop turn
-is written in one socket write, QoS 1 ones as far as the broker's Receive Maximum allows;
-each PUBACK frees a slot and the next queued messages go out in the same turn. A message's
-``confirm`` runs once the broker has it: its PUBACK for QoS 1, the hand-off to the socket
-for QoS 0. When the connection drops, the messages in flight go back to the head of the
-queue and are sent again, in their order, once gmqtt has reconnected. PUBLISH packets are
-encoded here (gmqtt's own publish path writes one packet per socket write and keeps its
-packet ids to itself); connecting, keepalive and reconnecting stay gmqtt's
-(``flux.ingest._gmqtt``).
+``MqttSession.enqueue`` queues messages and returns at once (the sink bounds how many it
+hands over). Every message queued in one event-loop turn is written in one socket write,
+QoS 1 ones as far as the broker's Receive Maximum allows; each PUBACK frees a slot and the
+next queued messages go out in the same turn. A message's ``confirm`` runs once the broker
+has it: its PUBACK for QoS 1, the hand-off to the socket for QoS 0. When the connection
+drops, the messages in flight go back to the head of the queue and are sent again, in their
+order, once gmqtt has reconnected. PUBLISH packets are encoded here (gmqtt's own publish
+path writes one packet per socket write and keeps its packet ids to itself); connecting,
+keepalive and reconnecting stay gmqtt's (``flux.ingest._gmqtt``).
 
 ``MqttTransport`` is what an ``OrderedSink`` sends its rows through: the built-in ``local``
 sink (rule ``publish`` actions to the gateway's own broker, on the session
@@ -32,7 +31,6 @@ from typing import Self
 from flux import faults
 from flux.config import MqttConfig
 from flux.errors import MqttConnectError
-from flux.events import PublishMessage
 from flux.ingest._gmqtt import MQTTv50, PublisherClient, connect
 from flux.ingest.mqtt import HOPS_PROPERTY
 from flux.retry import Backoff
@@ -101,7 +99,6 @@ class MqttSession:
         client_id: str,
         protocol: Callable[[], int],
         persistent: bool,
-        max_queued: int = 10_000,
         connect_timeout_s: float = 15.0,
     ) -> None:
         self.name = name
@@ -110,7 +107,6 @@ class MqttSession:
         self._protocol = protocol
         self._persistent = persistent
         self._connected_gauge = SINK_CONNECTED.labels(sink=name)
-        self._max_queued = max_queued
         self._connect_timeout_s = connect_timeout_s
         self._client: PublisherClient | None = None
         self._connector: asyncio.Task[None] | None = None
@@ -120,8 +116,6 @@ class MqttSession:
         self._window = DEFAULT_WINDOW
         self._connected = False
         self._flush_scheduled = False
-        self._room = asyncio.Event()
-        self._room.set()
         self._closed = False
         self._hops_properties: dict[int, bytes] = {}
         self._refusals_logged = False
@@ -157,7 +151,6 @@ class MqttSession:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
-        self._room.set()  # publishers waiting for room give up
         if self._connector is not None:
             self._connector.cancel()
             await asyncio.gather(self._connector, return_exceptions=True)
@@ -173,32 +166,16 @@ class MqttSession:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), 5)
 
-    async def publish(self, message: PublishMessage, confirm: Callable[[], None] = _noop) -> None:
-        """Queue ``message`` tagged with its hop count (MQTT 5 user property); ``confirm``
-        runs once the broker has it. Waits only while ``max_queued`` messages wait.
-
-        When the gateway is subscribed to the topic the message comes back as an event that
-        keeps the count, so a loop through the broker is cut like one inside the process.
-        """
-        while len(self._queue) >= self._max_queued and not self._closed:
-            self._room.clear()
-            await self._room.wait()
+    def enqueue(self, messages: list[_Outgoing]) -> None:
+        """Queue ``messages`` for the next socket write; each one's ``confirm`` runs once the
+        broker has it (its PUBACK; QoS 0: once written)."""
         if self._closed:
             raise MqttConnectError(f"sink {self.name}: the session is closed; not published")
-        self._queue.append(
-            _Outgoing(
-                message.qos,
-                message.retain,
-                _utf8(message.topic),
-                self._properties(message.hops, message.event_id),
-                message.payload,
-                confirm,
-            )
-        )
+        self._queue.extend(messages)
         self._connect()
         self._schedule_flush()
 
-    def _properties(self, hops: int, event_id: str | None) -> bytes:
+    def properties(self, hops: int, event_id: str | None) -> bytes:
         """The MQTT 5 user properties: the hop count, and the event id when there is one."""
         if self._protocol() < MQTTv50:
             return b""
@@ -307,8 +284,6 @@ class MqttSession:
         for message in taken:
             if not message.qos:
                 message.confirm()
-        if len(queue) < self._max_queued and not self._room.is_set():
-            self._room.set()
 
     def _new_mid(self) -> int:
         """The next packet id not in flight (1..65535)."""
@@ -349,6 +324,8 @@ class MqttTransport:
         self.session = session
         self._window = window
         self._with_event_id = with_event_id
+        self._confirm: Confirm | None = None
+        self._confirmed_rows: list[OutboxRow] = []
 
     @property
     def window(self) -> int:
@@ -376,17 +353,38 @@ class MqttTransport:
 
     async def send(self, rows: list[OutboxRow], confirm: Confirm) -> None:
         """Queue every row as a PUBLISH; each is confirmed on its PUBACK (QoS 0: once
-        written). The session resends what a lost connection left unconfirmed."""
-        for row in rows:
-            message = PublishMessage(
-                topic=row.topic,
-                payload=row.payload,
-                qos=row.qos,
-                retain=row.retain,
-                hops=row.hops,
-                event_id=row.event_id if self._with_event_id else None,
-            )
-            await self.session.publish(message, confirm=partial(confirm, [row]))
+        written), the confirmations of one event-loop turn together. The session resends
+        what a lost connection left unconfirmed.
+
+        The hop count rides along (MQTT 5 user property ``flux-hops``): a message that
+        comes back to the gateway as an event keeps it, so a loop through the broker is cut
+        like one inside the process.
+        """
+        self._confirm = confirm
+        session, with_id, confirmed = self.session, self._with_event_id, self._confirmed
+        session.enqueue(
+            [
+                _Outgoing(
+                    row.qos,
+                    row.retain,
+                    _utf8(row.topic),
+                    session.properties(row.hops, row.event_id if with_id else None),
+                    row.payload,
+                    partial(confirmed, row),
+                )
+                for row in rows
+            ]
+        )
+
+    def _confirmed(self, row: OutboxRow) -> None:
+        if not self._confirmed_rows:
+            asyncio.get_running_loop().call_soon(self._flush_confirmed)
+        self._confirmed_rows.append(row)
+
+    def _flush_confirmed(self) -> None:
+        rows, self._confirmed_rows = self._confirmed_rows, []
+        if rows and self._confirm is not None:
+            self._confirm(rows)
 
 
 __all__ = ["DEFAULT_WINDOW", "EVENT_ID_PROPERTY", "MqttSession", "MqttTransport"]
