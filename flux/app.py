@@ -38,7 +38,8 @@ from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
-from flux.store.database import create_engine
+from flux.sampler import MetricsSampler
+from flux.store.database import create_engine, export_pool_metrics
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
 from flux.webhooks import WebhookOutbox
@@ -81,6 +82,7 @@ class Gateway:
         self._stop_requested = asyncio.Event()
         DEGRADED.labels(reason="not_accepting").set(1)
         self.engine = create_engine(settings.database)
+        export_pool_metrics(self.engine)
         self.writer = StoreWriter.from_config(settings.database, engine=self.engine)
         self.bus = EventBus.from_config(settings.eventbus)
         self.plugins = PluginManager.from_config(settings.plugins)
@@ -122,6 +124,11 @@ class Gateway:
             max_pending=settings.eventbus.capacity,
             on_fatal=self.fail,
         )
+        self.sampler = MetricsSampler.from_config(
+            settings.metrics, before_sample=[self.plugins.observe_memory]
+        )
+        #: Events per pipeline batch (the tuning report weighs bus capacity against it).
+        self.pipeline_batch = PIPELINE_BATCH
         #: Set when a failure that will not fix itself stopped the gateway (``run`` raises it).
         self.fatal: FluxError | None = None
 
@@ -185,6 +192,7 @@ class Gateway:
         await self._enter("broker", self.broker)
         await self._enter("publisher", self.publisher)
         await self._enter("mqtt ingest", self.mqtt)
+        await self._enter("metrics sampler", self.sampler)
 
     async def _enter(self, name: str, stage: AbstractAsyncContextManager[Any]) -> None:
         """Start ``stage`` and put its close on the exit stack, bounded and named."""

@@ -40,6 +40,7 @@ from flux.metrics import (
     DEAD_LETTERS,
     DEAD_LETTERS_REFUSED,
     DEGRADED,
+    EVENT_COMMIT_LATENCY,
     SUBSCRIBER_ERRORS,
 )
 from flux.retry import DB_RETRY_FIRST_S, Backoff
@@ -272,6 +273,10 @@ class StoreWriter:
             return
         faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
+        committed_at = time.time()
+        EVENT_COMMIT_LATENCY.observe_many(
+            [committed_at - event.received_at for event in batch if event.source != "derived"]
+        )
         for _, confirm in alerts:
             confirm()
         for event in batch:
