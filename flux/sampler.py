@@ -31,6 +31,7 @@ def chart_point(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, An
     capacities = after.by("flux_eventbus_capacity", "subscriber")
     return {
         "t": round(after.at, 3),
+        "seconds": round(window.seconds, 4),
         "events_in": sum(
             window.rate("flux_events_published_total", source=source) for source in INGEST_SOURCES
         ),

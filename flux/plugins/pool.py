@@ -262,12 +262,13 @@ class InstancePool:
         if last is not None and now - last < EXHAUSTED_LOG_INTERVAL_S:
             return
         log.warning(
-            "plugin %s: pool exhausted: %d call(s) found all %d instances busy for %g s "
-            "(raise [pool] size in its plugin.toml or [plugins] pool_size; GET /api/v1/report)",
+            "plugin %s: pool exhausted: %d call(s) since the last warning waited %g s for one "
+            "of its %d instances and gave up; raise [pool] size in its plugin.toml (or "
+            "[plugins] pool_size); see GET /api/v1/report",
             self.plugin,
             self._exhausted_unlogged,
-            self.max_size,
             timeout,
+            self.max_size,
         )
         self._exhausted_logged_at = now
         self._exhausted_unlogged = 0
