@@ -62,7 +62,7 @@ class MetricsSampler:
         self.interval_s = interval_s
         self.history_s = history_s
         self._before_sample = tuple(before_sample)
-        size = int(history_s / interval_s) + 1
+        size = round(history_s / interval_s) + 1
         self._snapshots: deque[MetricsSnapshot] = deque(maxlen=size)
         self._points: deque[dict[str, Any]] = deque(maxlen=size)
         self._task: asyncio.Task[None] | None = None

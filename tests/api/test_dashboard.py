@@ -69,6 +69,10 @@ def chart(driver: webdriver.Chrome, name: str) -> dict[str, Any]:
     }
 
 
+def text(driver: webdriver.Chrome, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
 def wait_for(driver: webdriver.Chrome, what: str, condition: Any, timeout: float = 30) -> None:
     WebDriverWait(driver, timeout, poll_frequency=0.1).until(
         lambda d: condition(d), message=f"the page never showed {what}"
@@ -102,11 +106,11 @@ async def test_the_dashboard_charts_live_traffic_in_chromium(
         driver = chromium
         driver.get(f"{gateway.base_url}/#token={TOKEN}")
         wait_for(driver, "a chart with history", lambda d: chart(d, "events")["points"] >= 2)
-        wait_for(driver, "the shipped rules", lambda d: "overheat" in d.find_element(By.ID, "rules").text)
+        wait_for(driver, "the shipped rules", lambda d: "overheat" in text(d, "rules"))
         assert "token" not in driver.current_url  # taken out of the address bar
         assert chart(driver, "events")["max"] == 0
         assert chart(driver, "matches")["last"] == {}
-        plugins = driver.find_element(By.ID, "plugins").text
+        plugins = text(driver, "plugins")
         assert "enrich" in plugins and "batch-stats" in plugins
 
         hot = FleetDevice(0, seed=1, first_ts=time.time() - 300, interval_s=1)
@@ -117,17 +121,17 @@ async def test_the_dashboard_charts_live_traffic_in_chromium(
 
             wait_for(driver, "events per second", lambda d: chart(d, "events")["max"] > 0)
             wait_for(driver, "a latency", lambda d: chart(d, "latency")["max"] > 0)
-            wait_for(driver, "overheat matching", lambda d: "overheat" in chart(d, "matches")["last"])
+            wait_for(driver, "matches", lambda d: "overheat" in chart(d, "matches")["last"])
             wait_for(driver, "a dead letter", lambda d: chart(d, "dead")["max"] > 0)
             wait_for(
                 driver,
                 "the dead letter's reason",
-                lambda d: "invalid_json" in d.find_element(By.ID, "dead-letters").text,
+                lambda d: "invalid_json" in text(d, "dead-letters"),
             )
         bus = chart(driver, "bus")
         assert set(bus["last"]) == {"store", "pipeline", "capacity"}
         assert bus["last"]["capacity"] == 1024
-        assert "overheat" in driver.find_element(By.ID, "alerts").text
+        assert "overheat" in text(driver, "alerts")
 
         screenshot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(screenshot))
