@@ -181,7 +181,7 @@ class _Subscription:
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
         # Read at scrape time, so it shows a queue filling while its handler is busy.
-        EVENTBUS_DEPTH.labels(subscriber=name).set_function(self.pending)
+        EVENTBUS_DEPTH.labels(subscriber=name).set_function(lambda: len(self.queue))
         EVENTBUS_CAPACITY.labels(subscriber=name).set(capacity)
         self.dropped: Counter | None = None  # created on the first drop
         self.blocked_count = EVENTBUS_BLOCKED.labels(subscriber=name)

@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"[w{worker}] " if worker is not None else "")
         + "%(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("alembic", "gmqtt", "amqtt", "transitions"):
+    for noisy in ("alembic", "gmqtt", "amqtt", "transitions", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.handler(args)

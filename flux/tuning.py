@@ -492,35 +492,51 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+    """A figure for text: three significant digits or so, "-" when there is none."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.1f}/s" if value < 100 else f"{value:,.0f}/s"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as text for a terminal (``flux report``)."""
     stages = report["stages"]
-    store, pipeline = stages["store"], stages["pipeline"]
+    store, pipeline, rules = stages["store"], stages["pipeline"], stages["rules"]
     lines = [f"flux tuning report over the last {report['window_s']:.0f} s", ""]
-    ingest = ", ".join(f"{k} {v:g}/s" for k, v in stages["ingest"]["events_per_s"].items())
-    lines.append(f"ingest    {ingest or 'no events'}")
+    ingest = ", ".join(f"{k} {_rate(v)}" for k, v in stages["ingest"]["events_per_s"].items())
+    lines.append(f"events    {ingest or 'none'}")
     for name, sub in stages["bus"]["subscribers"].items():
         lines.append(
-            f"bus       {name}: depth {sub['depth']} (max {sub['max_depth']}) of "
-            f"{sub['capacity']}, {sub['blocked']} senders waited, {sub['dropped']} dropped"
+            f"bus       {name}: {sub['depth']} queued (at most {sub['max_depth']} of "
+            f"{sub['capacity']}), {sub['blocked']} senders waited, {sub['dropped']} dropped"
         )
     lines.append(
-        f"pipeline  busy {pipeline['busy']:.0%} (rules {pipeline['rules_s']:g} s, plugins "
-        f"{pipeline['plugins_s']:g} s)"
+        f"pipeline  busy {_share(pipeline['busy'])} (rules {pipeline['rules_s']:g} s, "
+        f"plugins {pipeline['plugins_s']:g} s); {rules['evaluations']} rule evaluations, "
+        f"{_num(rules['us_per_evaluation'])} us each"
     )
     lines.append(
-        f"store     busy {store['busy']:.0%}, {store['commits']} commits, mean batch "
-        f"{store['mean_batch']:g} of {store['batch_size']}, commit {_num(store['commit_ms_mean'])} "
-        f"ms (p99 {_num(store['commit_ms_p99'])}), receipt to commit p50 "
-        f"{_num(store['latency_ms_p50'])} ms, p99 {_num(store['latency_ms_p99'])} ms"
+        f"store     busy {_share(store['busy'])}, {store['commits']} commits of "
+        f"{store['mean_batch']:.1f} events (batch_size {store['batch_size']}), "
+        f"{_num(store['commit_ms_mean'])} ms each (p99 {_num(store['commit_ms_p99'])}); "
+        f"receipt to commit p50 {_num(store['latency_ms_p50'])} ms, "
+        f"p99 {_num(store['latency_ms_p99'])} ms"
     )
     for name, plugin in stages["plugins"].items():
         lines.append(
-            f"plugin    {name}: {plugin['calls']} calls, busy {plugin['busy']:.0%}, hit ratio "
-            f"{plugin['hit_ratio']}, {plugin['waits']} waits, {plugin['exhausted']} exhausted"
+            f"plugin    {name}: {plugin['calls']} calls, busy {_share(plugin['busy'])}, hit "
+            f"ratio {_share(plugin['hit_ratio'])}, {plugin['waits']} waited, "
+            f"{plugin['exhausted']} exhausted"
         )
     lines.append("")
     if not report["advice"]:

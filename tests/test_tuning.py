@@ -187,7 +187,7 @@ def test_an_inline_plugin_taking_the_loop_asks_for_a_thread() -> None:
     result = report(bus(1024), after, settings)
     named = settings_named(result)
     assert named["plugin.heavy.pool.executor"]["suggested"] == "thread"
-    assert "30% of the last 100 s (30 ms each)" in named["plugin.heavy.pool.executor"]["reason"]
+    assert "30% of the last 100 s (30.0 ms each)" in named["plugin.heavy.pool.executor"]["reason"]
     assert "plugin.threaded.pool.executor" not in named
     assert list(result["stages"]["plugins"]) == ["heavy", "threaded"]  # most expensive first
 
