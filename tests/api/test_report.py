@@ -22,7 +22,7 @@ from flux.config import Settings
 from flux.plugins import PoolExhausted
 from flux.plugins import pool as pool_module
 from tests.conftest import make_settings
-from tests.plugins.helpers import echo_module, event, write_plugin
+from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
 from tests.support import unique, wait_until
 
 TOKEN = "r3port"
@@ -84,12 +84,7 @@ async def test_a_pool_of_one_under_concurrent_callers_asks_for_more_instances(
         "echo",
         echo_module(),
         topics=("nothing/#",),
-        manifest="""
-        [pool]
-        size = 1
-        executor = "thread"
-        acquire_timeout_ms = 0
-        """,
+        manifest=POOL_OF_ONE,
     )
     settings = settings_for(tmp_path, broker)
     async with served(serve_gateway, settings) as (gateway, client, _url):

@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_settings
-from tests.plugins.helpers import echo_module, event, write_plugin
+from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
 from tests.support import FleetDevice, device, unique, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,14 +180,7 @@ async def test_every_metric_and_label_the_dashboard_and_alerts_name_is_exported(
         "echo",
         echo_module(),
         topics=("nothing/#",),
-        manifest="""
-        [pool]
-        size = 1
-        executor = "thread"
-        acquire_timeout_ms = 0
-        [recycle]
-        after_executions = 2
-        """,
+        manifest=POOL_OF_ONE + "[recycle]\nafter_executions = 2\n",
     )
     settings = make_settings(
         tmp_path,
