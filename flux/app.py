@@ -1,10 +1,10 @@
 """Compose the gateway and own its start-up and staged shutdown.
 
 ``Gateway`` builds every stage from its config section and enters them in order: the
-database (migrated) and the store writer, plugins, rules, the webhook outbox, the bus with
-its two subscribers (store and pipeline), the broker (the embedded one if needed), the
-publishing session and MQTT ingest. ``serve`` adds the HTTP API and the metrics endpoint
-around a gateway; ``run`` is ``flux run``.
+database (migrated) and the store writer, plugins, rules, the bus with its two subscribers
+(store and pipeline), the broker (the embedded one if needed), the sinks (rule publishes,
+webhooks, upstream brokers and HTTP ingests), MQTT ingest and the metrics sampler. ``serve`` adds the HTTP API and
+the metrics endpoint around a gateway; ``run`` is ``flux run``.
 
 Shutdown goes in named stages, each bounded by its ``[shutdown]`` timeout: intake stops
 (MQTT and HTTP), the bus drains so every queued event is committed and acknowledged, the
@@ -37,8 +37,9 @@ from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.sampler import MetricsSampler
 from flux.sinks import Sinks, check_forward_sinks
-from flux.store.database import create_engine
+from flux.store.database import create_engine, export_pool_metrics
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
 
@@ -80,6 +81,7 @@ class Gateway:
         self._stop_requested = asyncio.Event()
         DEGRADED.labels(reason="not_accepting").set(1)
         self.engine = create_engine(settings.database)
+        export_pool_metrics(self.engine)
         self.broker = MqttBroker(settings.mqtt)
         self.sinks = Sinks.from_config(
             settings,
@@ -117,6 +119,11 @@ class Gateway:
             max_pending=settings.eventbus.capacity,
             on_fatal=self.fail,
         )
+        self.sampler = MetricsSampler.from_config(
+            settings.metrics, before_sample=[self.plugins.observe_memory]
+        )
+        #: Events per pipeline batch (the tuning report weighs bus capacity against it).
+        self.pipeline_batch = PIPELINE_BATCH
         #: Set when a failure that will not fix itself stopped the gateway (``run`` raises it).
         self.fatal: FluxError | None = None
 
@@ -184,6 +191,7 @@ class Gateway:
         await self._enter("broker", self.broker)
         await self._enter("sinks", self.sinks)
         await self._enter("mqtt ingest", self.mqtt)
+        await self._enter("metrics sampler", self.sampler)
 
     async def _check_forwards(self) -> None:
         """A rule forwarding to a sink that is not configured stops start-up (exit 2)."""

@@ -43,6 +43,8 @@ from flux.errors import BusClosed
 from flux.events import Event
 from flux.metrics import (
     DEGRADED,
+    EVENTBUS_BLOCKED,
+    EVENTBUS_CAPACITY,
     EVENTBUS_DEPTH,
     EVENTBUS_DROPPED,
     EVENTS_PUBLISHED,
@@ -178,8 +180,11 @@ class _Subscription:
         self.idle = asyncio.Event()
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
-        self.depth_gauge = EVENTBUS_DEPTH.labels(subscriber=name)
+        # Read at scrape time, so it shows a queue filling while its handler is busy.
+        EVENTBUS_DEPTH.labels(subscriber=name).set_function(lambda: len(self.queue))
+        EVENTBUS_CAPACITY.labels(subscriber=name).set(capacity)
         self.dropped: Counter | None = None  # created on the first drop
+        self.blocked_count = EVENTBUS_BLOCKED.labels(subscriber=name)
         self.health = health
         # Backing up: more than ``high_mark`` queued; caught up: fewer than ``low_mark``.
         self.high_mark = min(capacity - 1, math.floor(capacity * high_water))
@@ -222,6 +227,7 @@ class _Subscription:
         if self.overflow != "block" and not event.needs_ack:
             self._drop()  # drop_newest, or nothing queued may go (all waited on, or waiters)
             return
+        self.blocked_count.inc()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.blocked.append((event, waiter))
         try:
@@ -289,7 +295,6 @@ class _Subscription:
                 finally:
                     self.collecting = False
             batch = self.take_batch()
-            self.depth_gauge.set(len(self.queue))
             if self.backlogged and len(self.queue) < self.low_mark:
                 self.set_backlogged(False)
             try:

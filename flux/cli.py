@@ -1,4 +1,4 @@
-"""Command line: ``flux run``, ``flux db upgrade``, ``flux config check``."""
+"""Command line: ``flux run``, ``flux db upgrade``, ``flux config check``, ``flux report``..."""
 
 from __future__ import annotations
 
@@ -159,6 +159,31 @@ def _cmd_plugins_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import httpx
+
+    from flux.tuning import format_report
+
+    server = _settings(args).server
+    url = args.url or (
+        f"{'https' if server.uses_tls else 'http'}://{server.host}:{server.port}"
+    )
+    token = args.token if args.token is not None else server.api_token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/api/v1/report", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise FluxError(f"cannot reach the gateway at {url}: {exc}") from None
+    if response.status_code != 200:
+        raise FluxError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    report = response.json()
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
 def _json_object(text: str, option: str) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
@@ -272,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     plugin_test.add_argument("--topic", help="topic of the sample message")
     plugin_test.add_argument("--path", help="plugins folder (default: [plugins] dir)")
     plugin_test.set_defaults(handler=_cmd_plugins_test)
+
+    report = with_config(
+        commands.add_parser(
+            "report",
+            help="ask a running gateway for its tuning report: utilisation and advice",
+            description="Print a running gateway's tuning report (GET /api/v1/report): "
+            "per-stage utilisation over the sampled window and advice naming the setting, "
+            "its current and suggested value and the figures behind it.",
+        )
+    )
+    report.add_argument(
+        "--url", help="the gateway's API (default: from server.host and server.port)"
+    )
+    report.add_argument("--token", help="bearer token (default: server.api_token)")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 
@@ -285,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"[w{worker}] " if worker is not None else "")
         + "%(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("alembic", "gmqtt", "amqtt", "transitions"):
+    for noisy in ("alembic", "gmqtt", "amqtt", "transitions", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.handler(args)

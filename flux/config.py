@@ -117,6 +117,18 @@ class MetricsConfig(_Section):
     #: A second port serving only /metrics; 0 (default): /metrics on the API port only.
     port: int = Field(0, ge=0, le=65535)
     host: str = "127.0.0.1"
+    #: How often the gateway samples its own metrics for the dashboard and the report.
+    sample_interval_s: float = Field(1.0, ge=0.1, le=60)
+    #: How far back those samples reach (the dashboard's charts, the report's window).
+    history_s: float = Field(300.0, ge=10, le=3600)
+
+    @field_validator("history_s")
+    @classmethod
+    def _holds_two_samples(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("sample_interval_s")
+        if interval is not None and value < 2 * interval:
+            raise ValueError("must hold at least two samples (2 x sample_interval_s)")
+        return value
 
 
 def _mqtt_url(value: str) -> str:
@@ -199,6 +211,12 @@ class DatabaseConfig(_Section):
     retention_days: int = Field(30, ge=0)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retry_max_delay_s: float = Field(10.0, gt=0)
+    #: SQLAlchemy's connection pool: connections kept open, extra ones allowed beyond them,
+    #: how long a caller waits for one, and the age after which one is replaced (0: never).
+    pool_size: int = Field(5, ge=1, le=1000)
+    max_overflow: int = Field(5, ge=0, le=1000)
+    pool_timeout_s: float = Field(30.0, gt=0, le=3600)
+    pool_recycle_s: float = Field(0.0, ge=0)
 
     @field_validator("url")
     @classmethod

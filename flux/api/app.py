@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux import __version__
-from flux.api import devices, ingest, plugins, rules, sinks
+from flux.api import devices, ingest, plugins, report, rules, sinks
 from flux.api.auth import require_token
 from flux.api.fast_ingest import FastIngest
 from flux.api.gateway import GatewayView
@@ -100,6 +100,7 @@ def create_api(gateway: GatewayView) -> FastAPI:
     api.include_router(rules.router, prefix="/api/v1", dependencies=protected)
     api.include_router(plugins.router, prefix="/api/v1", dependencies=protected)
     api.include_router(sinks.router, prefix="/api/v1", dependencies=protected)
+    api.include_router(report.router, prefix="/api/v1", dependencies=protected)
 
     @api.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:

@@ -15,6 +15,7 @@ from flux.ingest.mqtt import MqttIngest
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.sampler import MetricsSampler
 from flux.sinks import Sinks
 
 
@@ -44,6 +45,12 @@ class GatewayView(Protocol):
 
     @property
     def sinks(self) -> Sinks: ...
+
+    @property
+    def sampler(self) -> MetricsSampler: ...
+
+    @property
+    def pipeline_batch(self) -> int: ...
 
     @property
     def accepting(self) -> bool: ...

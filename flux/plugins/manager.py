@@ -34,6 +34,7 @@ import orjson
 from flux.coalesce import Coalescer
 from flux.config import PluginsConfig
 from flux.events import Event, derive_event, device_id_for, new_event_id
+from flux.plugins import metrics
 from flux.plugins.errors import (
     PluginError,
     PluginHopLimit,
@@ -293,6 +294,13 @@ class PluginManager:
     def all_stats(self) -> dict[str, PoolStats]:
         """Return every plugin's pool stats."""
         return {name: p.pool.stats() for name, p in self._plugins.items()}
+
+    def observe_memory(self) -> None:
+        """Set ``flux_plugin_memory_bytes`` from each pool's idle instances (on the loop)."""
+        for name, loaded in self._plugins.items():
+            largest = loaded.pool.largest_idle_memory()
+            if largest is not None:
+                metrics.MEMORY.labels(name).set(largest)
 
     def _get(self, name: str) -> _Loaded:
         loaded = self._plugins.get(name)

@@ -29,6 +29,12 @@ RECYCLES = Counter(
     "Instances replaced, by reason (executions, memory, trap, timeout, limit, error, restart)",
     ["plugin", "reason"],
 )
+MEMORY = Gauge(
+    "flux_plugin_memory_bytes",
+    "Largest linear memory among a plugin's idle instances, sampled every "
+    "metrics.sample_interval_s",
+    ["plugin"],
+)
 CALL_SECONDS = Histogram(
     "flux_plugin_call_seconds",
     "Time inside one plugin call (one message or one batch), excluding pool waits",
@@ -55,6 +61,7 @@ CALL_SECONDS = Histogram(
 __all__ = [
     "CALL_SECONDS",
     "EXECUTIONS",
+    "MEMORY",
     "POOL_AVAILABLE",
     "POOL_EXHAUSTED",
     "POOL_HITS",

@@ -31,6 +31,9 @@ from flux.plugins.runtime import PluginRuntime
 
 log = logging.getLogger(__name__)
 
+#: At most one "pool exhausted" warning per pool in this many seconds.
+EXHAUSTED_LOG_INTERVAL_S = 10.0
+
 
 @dataclass(slots=True)
 class CallResult:
@@ -171,6 +174,8 @@ class InstancePool:
         )
         self._recycles: dict[str, int] = {}
         self._last_restart: float | None = None
+        self._exhausted_logged_at: float | None = None
+        self._exhausted_unlogged = 0
         label = self.plugin
         self._m_hits = metrics.POOL_HITS.labels(label)
         self._m_misses = metrics.POOL_MISSES.labels(label)
@@ -240,6 +245,7 @@ class InstancePool:
         except TimeoutError:
             self._counts["exhausted"] += 1
             self._m_exhausted.inc()
+            self._warn_exhausted(timeout)
             raise PoolExhausted(
                 f"no instance free within {timeout:g} s (pool of {self.max_size})",
                 plugin=self.plugin,
@@ -247,6 +253,25 @@ class InstancePool:
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+    def _warn_exhausted(self, timeout: float) -> None:
+        """Log that callers gave up waiting, at most once per ``EXHAUSTED_LOG_INTERVAL_S``."""
+        self._exhausted_unlogged += 1
+        now = time.monotonic()
+        last = self._exhausted_logged_at
+        if last is not None and now - last < EXHAUSTED_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "plugin %s: pool exhausted: %d call(s) since the last warning waited %g s for one "
+            "of its %d instances and gave up; raise [pool] size in its plugin.toml (or "
+            "[plugins] pool_size); see GET /api/v1/report",
+            self.plugin,
+            self._exhausted_unlogged,
+            timeout,
+            self.max_size,
+        )
+        self._exhausted_logged_at = now
+        self._exhausted_unlogged = 0
 
     def run(
         self,
@@ -419,6 +444,13 @@ class InstancePool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolClosed("pool was replaced", plugin=self.plugin))
+
+    def largest_idle_memory(self) -> int | None:
+        """The largest linear memory among idle instances, None when none is idle (a busy
+        instance may be running on a plugin thread, so it is not touched)."""
+        if not self._idle:
+            return None
+        return max(instance.memory_bytes() for instance in self._idle)
 
     @property
     def in_use(self) -> int:

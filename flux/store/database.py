@@ -9,6 +9,7 @@ with "database is locked" halfway through a batch; readers start deferred transa
 
 from __future__ import annotations
 
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from flux.config import DatabaseConfig
 from flux.events import Event
+from flux.metrics import DB_CONNECTIONS_ACTIVE, DB_CONNECTIONS_IDLE
 
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "flux_write"
@@ -55,6 +57,12 @@ def sqlite_path(url: str) -> Path | None:
 
 def create_engine(config: DatabaseConfig) -> AsyncEngine:
     """Create the async engine with the dialect's pragmas and transaction handling installed."""
+    pool = {
+        "pool_size": config.pool_size,
+        "max_overflow": config.max_overflow,
+        "pool_timeout": config.pool_timeout_s,
+        "pool_recycle": config.pool_recycle_s or -1,
+    }
     if config.is_sqlite:
         path = sqlite_path(config.url)
         if path is not None:
@@ -64,6 +72,7 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
             json_serializer=json_text,
             json_deserializer=orjson.loads,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            **pool,
         )
         _install_sqlite_hooks(engine, synchronous=config.sqlite_synchronous)
         return engine
@@ -71,10 +80,28 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         config.url,
         json_serializer=json_text,
         json_deserializer=orjson.loads,
-        pool_size=5,
-        max_overflow=5,
         pool_pre_ping=True,
+        **pool,
     )
+
+
+def export_pool_metrics(engine: AsyncEngine) -> None:
+    """Report ``engine``'s pool as ``flux_db_connections_active`` and ``_idle``.
+
+    Read at scrape time (nothing per checkout); the newest engine owns the gauges, and a
+    weak reference lets a disposed engine go (its gauges then read 0).
+    """
+    sync_engine = weakref.ref(engine.sync_engine)
+
+    def count(method: str) -> float:
+        current = sync_engine()
+        if current is None:
+            return 0.0
+        counter = getattr(current.pool, method, None)  # pools without a queue count nothing
+        return float(counter()) if callable(counter) else 0.0
+
+    DB_CONNECTIONS_ACTIVE.set_function(lambda: count("checkedout"))
+    DB_CONNECTIONS_IDLE.set_function(lambda: count("checkedin"))
 
 
 def _install_sqlite_hooks(engine: AsyncEngine, *, synchronous: str) -> None:
@@ -106,6 +133,7 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
 __all__ = [
     "WRITE_OPTION",
     "create_engine",
+    "export_pool_metrics",
     "json_text",
     "sqlite_path",
     "utc_datetime",

@@ -42,6 +42,7 @@ from flux.metrics import (
     DEAD_LETTERS,
     DEAD_LETTERS_REFUSED,
     DEGRADED,
+    EVENT_COMMIT_LATENCY,
     SUBSCRIBER_ERRORS,
 )
 from flux.retry import DB_RETRY_FIRST_S, Backoff
@@ -298,6 +299,10 @@ class StoreWriter:
             return
         faults.hit("after_commit")
         DB_BATCH_SIZE.observe(len(batch))
+        committed_at = time.time()
+        EVENT_COMMIT_LATENCY.observe_many(
+            [committed_at - event.received_at for event in batch if event.source != "derived"]
+        )
         self._outbox.committed(outbox)
         riders.confirm()
         for event in batch:

@@ -51,6 +51,16 @@ def echo_module(tag: str = "v1") -> str:
     )
 
 
+#: plugin.toml lines for a pool of one instance, called on a plugin thread, that gives up at
+#: once: concurrent callers find it busy (waits) and give up (exhausted).
+POOL_OF_ONE = """
+[pool]
+size = 1
+executor = "thread"
+acquire_timeout_ms = 0
+"""
+
+
 def write_plugin(
     root: Path,
     name: str,

@@ -49,6 +49,12 @@ def test_environment_overrides_parse_toml_values() -> None:
         ("[mqtt]\ntopics = ['a/#/b']\n", "mqtt.topics"),
         ("[database]\nurl = 'mysql://x'\n", "database.url"),
         ("[database]\nbatch_sise = 5\n", "database.batch_sise"),
+        ("[database]\npool_size = 0\n", "database.pool_size"),
+        ("[database]\nmax_overflow = -1\n", "database.max_overflow"),
+        ("[database]\npool_timeout_s = 0\n", "database.pool_timeout_s"),
+        ("[database]\npool_recycle_s = -5\n", "database.pool_recycle_s"),
+        ("[metrics]\nsample_interval_s = 0\n", "metrics.sample_interval_s"),
+        ("[metrics]\nsample_interval_s = 10\nhistory_s = 15\n", "metrics.history_s"),
         ("[nonsense]\nx = 1\n", "nonsense"),
     ],
 )
