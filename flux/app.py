@@ -3,8 +3,9 @@
 ``Gateway`` builds every stage from its config section and enters them in order: the
 database (migrated) and the store writer, plugins, rules, the bus with its two subscribers
 (store and pipeline), the broker (the embedded one if needed), the sinks (rule publishes,
-webhooks, upstream brokers and HTTP ingests), MQTT ingest and the metrics sampler. ``serve`` adds the HTTP API and
-the metrics endpoint around a gateway; ``run`` is ``flux run``.
+webhooks, upstream brokers and HTTP ingests), MQTT ingest and the metrics sampler.
+``serve`` adds the HTTP API and the metrics endpoint around a gateway; ``run`` is
+``flux run``.
 
 Shutdown goes in named stages, each bounded by its ``[shutdown]`` timeout: intake stops
 (MQTT and HTTP), the bus drains so every queued event is committed and acknowledged, the
