@@ -40,6 +40,7 @@ from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
+from flux.store.retention import Retention
 from flux.store.writer import StoreWriter
 from flux.webhooks import WebhookOutbox
 
@@ -82,6 +83,9 @@ class Gateway:
         DEGRADED.labels(reason="not_accepting").set(1)
         self.engine = create_engine(settings.database)
         self.writer = StoreWriter.from_config(settings.database, engine=self.engine)
+        self.retention = Retention.from_config(
+            settings.database, engine=self.engine, writer=self.writer
+        )
         self.bus = EventBus.from_config(settings.eventbus)
         self.plugins = PluginManager.from_config(settings.plugins)
         rules = settings.rules
@@ -161,6 +165,7 @@ class Gateway:
         await upgrade_async(settings.database)
         self._stack.push_async_callback(self.engine.dispose)
         await self._enter("store", self.writer)
+        await self._enter("retention", self.retention)
         self.bus.subscribe(
             STORE_SUBSCRIBER,
             self.writer.store_batch,

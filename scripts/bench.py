@@ -105,6 +105,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_retention import scenario_retention  # noqa: E402
+
 from tests.support import (  # noqa: E402
     PrivateMosquitto,
     fleet,
@@ -115,7 +117,7 @@ from tests.support import (  # noqa: E402
 )
 
 #: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
-SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers")
+SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers", "retention")
 IDS = {
     "P1": "drain",
     "P3": "drain",
@@ -1301,6 +1303,7 @@ SCENARIOS = {
     "latency": scenario_latency,
     "http": scenario_http,
     "workers": scenario_workers,
+    "retention": scenario_retention,
 }
 
 
