@@ -98,7 +98,7 @@ def _seed(config: Path, path: Path) -> str:
 class PurgeWatch:
     """Note, from a connection of its own, when the seeded rows are all gone (the purge
     deletes them oldest first, so the newest goes last) and when the file has given their
-    pages back (no free page left)."""
+    pages back (free pages down to what retention keeps for new rows)."""
 
     def __init__(self, path: Path, newest_seeded: str) -> None:
         self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
@@ -120,15 +120,20 @@ class PurgeWatch:
         self._conn.close()
 
     def _run(self) -> None:
+        from flux.store.retention import KEEP_FREE
+
         while not self._stop.wait(0.1):
             now = time.perf_counter() - self.started
             if self.rows_gone_at is None:
                 row = self._conn.execute("SELECT 1 FROM events WHERE id = ?", (self._newest,))
                 if row.fetchone() is None:
                     self.rows_gone_at = now
-            elif self._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0:
-                self.reclaimed_at = now
-                return
+            else:
+                free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+                pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+                if free <= pages * KEEP_FREE:
+                    self.reclaimed_at = now
+                    return
 
     def report(self, stream_s: float) -> dict[str, Any]:
         """When the purge deleted the rows and reclaimed their space, counted from the

@@ -12,10 +12,11 @@ its own short transaction, and after each batch the purge pauses as long as the 
 (``MIN_PAUSE_S`` at least): a store commit waits for one batch at most, and the purge takes
 at most half of the database's time. On SQLite the batches run on the store writer's own
 thread and connection, between its commits (a commit waits for them in line, never in the
-busy handler's sleeps), each followed by a passive WAL checkpoint, and the pages they free
-go back to the file system: the schema has ``auto_vacuum = INCREMENTAL`` and the purge runs
-``PRAGMA incremental_vacuum`` in short steps. PostgreSQL deletes the same way; its
-autovacuum makes the space reusable, so there the tables level off instead of shrinking.
+busy handler's sleeps), each followed by a passive WAL checkpoint, and free pages beyond a
+tenth of the file go back to the file system: the schema has ``auto_vacuum = INCREMENTAL``
+and each check runs ``PRAGMA incremental_vacuum`` in short steps. PostgreSQL deletes the
+same way; its autovacuum makes the space reusable, so there the tables level off instead of
+shrinking.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ BATCH_ROWS = 500
 MIN_PAUSE_S = 0.005
 #: Pages one ``PRAGMA incremental_vacuum`` step gives back (4 KiB each).
 VACUUM_PAGES = 256
+#: Free pages up to this share of the file are kept for new rows rather than given back: at
+#: steady state a check frees a sliver, which new rows reuse, and nothing is moved.
+KEEP_FREE = 0.1
 MIB = 1024 * 1024
 
 AGE, SIZE = "age", "size"
@@ -78,10 +82,6 @@ SIZE_ORDER = (("events",), ("alerts", "dead_letters"))
 
 
 class _Database(Protocol):
-    #: Whether a delete lowers ``used`` at once (SQLite's free pages), or only makes space
-    #: reusable for later rows (PostgreSQL).
-    frees_at_once: bool
-
     async def delete_oldest(self, target: Retained, limit: int, before: datetime | None) -> int:
         """Delete up to ``limit`` of the oldest rows (only those before ``before``)."""
         ...
@@ -90,12 +90,13 @@ class _Database(Protocol):
         """The time of the oldest row (as the driver returns it), None when empty."""
         ...
 
-    async def sizes(self) -> tuple[int, int]:
-        """The database's size and the part of it rows use, in bytes."""
+    async def size(self) -> int:
+        """The database's size in bytes (``flux_db_size_bytes``)."""
         ...
 
-    async def rows(self) -> int:
-        """About how many rows the retained tables hold."""
+    async def excess_rows(self, budget: int) -> int:
+        """How many of the oldest rows to delete now for the database to fit in ``budget``
+        bytes; 0 when it fits (or, on PostgreSQL, until it grows again)."""
         ...
 
     async def reclaim_step(self) -> bool:
@@ -126,8 +127,6 @@ class Retention:
         self._task: asyncio.Task[None] | None = None
         #: Checks completed since start (failed ones not counted).
         self.checks = 0
-        # PostgreSQL: the size at the last cut; a cut waits for the tables to outgrow it.
-        self._cut_at = 0
         self._over_budget_warned = False
         for name in RETAINED:
             for reason in (AGE, SIZE):
@@ -179,7 +178,7 @@ class Retention:
             await asyncio.sleep(self.interval_s)
 
     async def check(self) -> Counter[tuple[str, str]]:
-        """Purge by age, then by size, give freed space back; return rows purged per
+        """Purge by age, then by size, give free space back; return rows purged per
         (table, reason)."""
         purged: Counter[tuple[str, str]] = Counter()
         now = datetime.now(UTC)
@@ -188,10 +187,9 @@ class Retention:
                 await self._purge_age(RETAINED[name], now - timedelta(days=days), purged)
         if self.max_size_bytes:
             await self._purge_size(purged)
-        if purged:
-            while await self._paced(self._db.reclaim_step()):
-                pass
-        size, _ = await self._db.sizes()
+        while await self._paced(self._db.reclaim_step()):
+            pass
+        size = await self._db.size()
         DB_SIZE.set(size)
         if purged:
             done = ", ".join(f"{n} {table} ({why})" for (table, why), n in sorted(purged.items()))
@@ -208,30 +206,14 @@ class Retention:
                 return
 
     async def _purge_size(self, purged: Counter[tuple[str, str]]) -> None:
-        budget = self.max_size_bytes
-        _, used = await self._db.sizes()
-        if used <= budget:
-            self._over_budget_warned = False
-            return
-        if self._db.frees_at_once:
-            while used > budget:
-                if not await self._delete_for_size(BATCH_ROWS, purged):
-                    self._warn_nothing_left(used)
+        while rows := await self._db.excess_rows(self.max_size_bytes):
+            while rows > 0:
+                count = await self._delete_for_size(min(BATCH_ROWS, rows), purged)
+                if not count:
+                    self._warn_nothing_left()
                     return
-                _, used = await self._db.sizes()
-            return
-        # PostgreSQL keeps the space of deleted rows for new ones: cut the excess once, by
-        # the average row, and again only once the tables outgrow the size of this cut.
-        if used <= self._cut_at:
-            return
-        self._cut_at = used
-        rows = math.ceil(await self._db.rows() * (used - budget) / used)
-        while rows > 0:
-            count = await self._delete_for_size(min(BATCH_ROWS, rows), purged)
-            if not count:
-                self._warn_nothing_left(used)
-                return
-            rows -= count
+                rows -= count
+        self._over_budget_warned = False
 
     async def _delete_for_size(self, limit: int, purged: Counter[tuple[str, str]]) -> int:
         """Delete one batch of the oldest rows in ``SIZE_ORDER``; 0 when all are empty."""
@@ -248,14 +230,13 @@ class Retention:
                 return count
         return 0
 
-    def _warn_nothing_left(self, used: int) -> None:
+    def _warn_nothing_left(self) -> None:
         if not self._over_budget_warned:
             self._over_budget_warned = True
             log.warning(
-                "the database uses %.1f MiB, above database.max_size_mb (%.1f MiB), with no "
-                "event, alert or dead letter left to purge (webhooks waiting in the outbox "
-                "and device rows are kept)",
-                used / MIB,
+                "the database is above database.max_size_mb (%.1f MiB) with no event, alert "
+                "or dead letter left to purge (webhooks waiting in the outbox and device rows "
+                "are kept)",
                 self.max_size_bytes / MIB,
             )
 
@@ -278,8 +259,6 @@ class Retention:
 class SqliteRetention:
     """Retention's statements on SQLite, run on the store writer's thread and connection."""
 
-    frees_at_once = True
-
     def __init__(self, writer: StoreWriter) -> None:
         self._run = writer.run_between_commits
 
@@ -300,11 +279,14 @@ class SqliteRetention:
         row = await self._run(lambda conn: conn.execute(sql).fetchone())
         return None if row is None else row[0]
 
-    async def sizes(self) -> tuple[int, int]:
-        return await self._run(_sqlite_sizes)
+    async def size(self) -> int:
+        return (await self._run(_sqlite_sizes))[0]
 
-    async def rows(self) -> int:
-        raise NotImplementedError("SQLite frees pages at once; no row estimate is needed")
+    async def excess_rows(self, budget: int) -> int:
+        """A batch while the pages in use exceed ``budget``: a delete frees pages at once,
+        so the size is measured again after each batch."""
+        _, used = await self._run(_sqlite_sizes)
+        return BATCH_ROWS if used > budget else 0
 
     async def reclaim_step(self) -> bool:
         return await self._run(_vacuum_step)
@@ -341,6 +323,7 @@ def _pragma(conn: sqlite3.Connection, name: str) -> int:
 
 
 def _sqlite_sizes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The file's size as SQLite sees it (the WAL aside), and what its pages in use take."""
     page_size, pages = _pragma(conn, "page_size"), _pragma(conn, "page_count")
     return pages * page_size, (pages - _pragma(conn, "freelist_count")) * page_size
 
@@ -350,31 +333,33 @@ _INCREMENTAL = 2
 
 
 def _vacuum_step(conn: sqlite3.Connection) -> bool:
-    """Give up to ``VACUUM_PAGES`` free pages back in one write transaction, then
-    checkpoint; return whether free pages are left."""
+    """Give up to ``VACUUM_PAGES`` free pages beyond ``KEEP_FREE`` back in one write
+    transaction, then checkpoint; return whether more are to be given back."""
     free = _pragma(conn, "freelist_count")
-    if not free or _pragma(conn, "auto_vacuum") != _INCREMENTAL:
+    excess = free - int(_pragma(conn, "page_count") * KEEP_FREE)
+    if excess <= 0 or _pragma(conn, "auto_vacuum") != _INCREMENTAL:
         _checkpoint(conn)
         return False
+    pages = min(VACUUM_PAGES, excess)
     try:
         # executescript steps the pragma to its end; execute() would free one page.
-        conn.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({VACUUM_PAGES}); COMMIT;")
+        conn.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({pages}); COMMIT;")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     _checkpoint(conn)
-    left = _pragma(conn, "freelist_count")
-    return 0 < left < free
+    return excess > pages and _pragma(conn, "freelist_count") < free
 
 
 class PostgresRetention:
     """Retention's statements on PostgreSQL, through the engine's pool."""
 
-    frees_at_once = False
-
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # The size at the last cut: deleted rows' space is reused, not given back, so the
+        # size stays there until the tables outgrow it.
+        self._cut_at = 0
 
     async def delete_oldest(self, target: Retained, limit: int, before: datetime | None) -> int:
         oldest = select(target.key).order_by(target.key).limit(limit)
@@ -389,16 +374,25 @@ class PostgresRetention:
             query = select(target.time).order_by(target.key).limit(1)
             return (await conn.execute(query)).scalar_one_or_none()
 
-    async def sizes(self) -> tuple[int, int]:
+    async def size(self) -> int:
+        """flux's tables with their indexes and TOAST."""
         query = text(
             "SELECT coalesce(sum(pg_total_relation_size(to_regclass(name))), 0) "
             "FROM unnest(CAST(:names AS text[])) AS name"
         )
         async with self._engine.connect() as conn:
-            size = int((await conn.execute(query, {"names": list(metadata.tables)})).scalar_one())
-        return size, size
+            return int((await conn.execute(query, {"names": list(metadata.tables)})).scalar_one())
 
-    async def rows(self) -> int:
+    async def excess_rows(self, budget: int) -> int:
+        """The excess in rows of the average size, once; then 0 until the tables outgrow
+        their size at this cut (the space of the rows cut is reused meanwhile)."""
+        size = await self.size()
+        if size <= budget or size <= self._cut_at:
+            return 0
+        self._cut_at = size
+        return math.ceil(await self._rows() * (size - budget) / size)
+
+    async def _rows(self) -> int:
         """The planner's estimate of each table's rows, or a count where it has none yet."""
         total = 0
         async with self._engine.connect() as conn:

@@ -244,7 +244,7 @@ async def test_postgres_cuts_the_excess_once_until_the_tables_outgrow_it(pg_url:
     try:
         rows = [event_row("pg", 1 - seq / 20_000, seq) for seq in range(20_000)]
         await insert_rows(db, events, rows)
-        size, _ = await database.sizes()
+        size = await database.size()
         retention = Retention(
             database=database, days={}, max_size_bytes=size // 2, interval_s=60
         )
@@ -284,7 +284,9 @@ async def test_ingest_is_acknowledged_while_a_big_purge_runs(
     tmp_path: Path, broker: tuple[str, int], serve_gateway: Any
 ) -> None:
     dev = unique("dev")
-    newest_old = await asyncio.to_thread(seed_old_events, tmp_path / "flux.db", 200_000)
+    path = tmp_path / "flux.db"
+    newest_old = await asyncio.to_thread(seed_old_events, path, 200_000)
+    seeded_size = path.stat().st_size
     settings = make_settings(
         tmp_path, broker, device_ids=[dev], database={"retention_days": 30}
     )
@@ -310,6 +312,10 @@ async def test_ingest_is_acknowledged_while_a_big_purge_runs(
             seq += 1
             if purging():
                 acknowledged_while_purging += 1
+        # The file gives the space of the purged rows back.
+        await wait_until(
+            lambda: path.stat().st_size < seeded_size / 10, what="the file shrunk"
+        )
     reader.close()
     assert acknowledged_while_purging >= 10
     with sqlite3.connect(tmp_path / "flux.db") as conn:
