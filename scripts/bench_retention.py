@@ -125,8 +125,8 @@ class PurgeWatch:
         while not self._stop.wait(0.1):
             now = time.perf_counter() - self.started
             if self.rows_gone_at is None:
-                row = self._conn.execute("SELECT 1 FROM events WHERE id = ?", (self._newest,))
-                if row.fetchone() is None:
+                found = "SELECT 1 FROM events WHERE id = ?"
+                if not self._conn.execute(found, (self._newest,)).fetchall():
                     self.rows_gone_at = now
             else:
                 free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]

@@ -25,6 +25,10 @@ from flux.events import Event
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "flux_write"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: The WAL file is cut back to this size when a checkpoint lets SQLite start it over: a
+#: burst (or a long reader holding checkpoints back) would otherwise leave it at its
+#: largest for good. About SQLite's checkpoint interval of 1000 pages.
+SQLITE_WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 
 def utc_datetime(timestamp: float) -> datetime:
@@ -88,6 +92,7 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, synchronous: str) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -107,6 +112,8 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
 
 
 __all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "SQLITE_WAL_LIMIT_BYTES",
     "WRITE_OPTION",
     "create_engine",
     "json_text",

@@ -332,24 +332,31 @@ def _sqlite_sizes(conn: sqlite3.Connection) -> tuple[int, int]:
 _INCREMENTAL = 2
 
 
+def _excess_free_pages(conn: sqlite3.Connection) -> int:
+    """Free pages beyond the ``KEEP_FREE`` share of the file."""
+    return _pragma(conn, "freelist_count") - int(_pragma(conn, "page_count") * KEEP_FREE)
+
+
 def _vacuum_step(conn: sqlite3.Connection) -> bool:
     """Give up to ``VACUUM_PAGES`` free pages beyond ``KEEP_FREE`` back in one write
     transaction, then checkpoint; return whether more are to be given back."""
-    free = _pragma(conn, "freelist_count")
-    excess = free - int(_pragma(conn, "page_count") * KEEP_FREE)
+    excess = _excess_free_pages(conn)
     if excess <= 0 or _pragma(conn, "auto_vacuum") != _INCREMENTAL:
         _checkpoint(conn)
         return False
-    pages = min(VACUUM_PAGES, excess)
     try:
         # executescript steps the pragma to its end; execute() would free one page.
-        conn.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({pages}); COMMIT;")
+        conn.executescript(
+            f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({min(VACUUM_PAGES, excess)}); COMMIT;"
+        )
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     _checkpoint(conn)
-    return excess > pages and _pragma(conn, "freelist_count") < free
+    # The file shrank, and with it the share kept free: measure again.
+    left = _excess_free_pages(conn)
+    return 0 < left < excess
 
 
 class PostgresRetention:

@@ -32,7 +32,13 @@ from typing import Any, TypeVar
 
 from flux import faults
 from flux.events import Event
-from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, payload_text, utc_datetime
+from flux.store.database import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_WAL_LIMIT_BYTES,
+    json_text,
+    payload_text,
+    utc_datetime,
+)
 
 T = TypeVar("T")
 
@@ -208,6 +214,7 @@ class SqliteBatchWriter:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
             self._conn = conn
         return self._conn
 
