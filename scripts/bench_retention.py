@@ -18,6 +18,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +56,9 @@ def scenario_retention(bench: Bench, run: Run) -> list[dict[str, Any]]:
         newest_seeded = _seed(config, db.sqlite_path)
         with (
             bench.gateway(config, workers=run.workers, profile_as=f"{run.label}-{label}") as gw,
-            PurgeWatch(db.sqlite_path, newest_seeded) as purge,
+            watch_purge(db.sqlite_path, newest_seeded) as purge,
         ):
-            samples = _paced_stream(bench, broker.port, db.sqlite_path, origin=purge.started)
+            samples = _paced_stream(bench, broker.port, db.sqlite_path, origin=purge.origin)
             row = {"messages": len(samples), **_latency(samples)}
             if label == "with":
                 row.update(purge.report(stream_s=samples[-1][0]))
@@ -95,58 +98,62 @@ def _seed(config: Path, path: Path) -> str:
     return row(PURGE_ROWS - 1)[0]
 
 
-class PurgeWatch:
-    """Note, from a connection of its own, when the seeded rows are all gone (the purge
-    deletes them oldest first, so the newest goes last) and when the file has given their
-    pages back (free pages down to what retention keeps for new rows)."""
+@dataclass
+class PurgeTimes:
+    """When the seeded rows were all gone and when their space was given back, in seconds
+    from the stream's start (``origin``); None until then."""
 
-    def __init__(self, path: Path, newest_seeded: str) -> None:
-        self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        self._newest = newest_seeded
-        self.started = time.perf_counter()
-        self.rows_gone_at: float | None = None
-        self.reclaimed_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PurgeWatch:
-        self.started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self._conn.close()
-
-    def _run(self) -> None:
-        from flux.store.retention import KEEP_FREE
-
-        while not self._stop.wait(0.1):
-            now = time.perf_counter() - self.started
-            if self.rows_gone_at is None:
-                found = "SELECT 1 FROM events WHERE id = ?"
-                if not self._conn.execute(found, (self._newest,)).fetchall():
-                    self.rows_gone_at = now
-            else:
-                free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-                pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
-                if free <= pages * KEEP_FREE:
-                    self.reclaimed_at = now
-                    return
+    origin: float = field(default_factory=time.perf_counter)
+    rows_gone_s: float | None = None
+    reclaimed_s: float | None = None
 
     def report(self, stream_s: float) -> dict[str, Any]:
-        """When the purge deleted the rows and reclaimed their space, counted from the
-        gateway's start, waiting up to ``PURGE_WAIT_S`` after the stream for them."""
+        """The times, waiting up to ``PURGE_WAIT_S`` after the stream for them."""
         deadline = time.monotonic() + PURGE_WAIT_S
-        while self.reclaimed_at is None and time.monotonic() < deadline:
+        while self.reclaimed_s is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        done = self.reclaimed_at
+        gone, done = self.rows_gone_s, self.reclaimed_s
         return {
-            "purge_rows_gone_s": None if self.rows_gone_at is None else round(self.rows_gone_at, 1),
+            "purge_rows_gone_s": None if gone is None else round(gone, 1),
             "purge_reclaimed_s": None if done is None else round(done, 1),
             "purge_within_stream": done is not None and done <= stream_s,
         }
+
+
+@contextmanager
+def watch_purge(path: Path, newest_seeded: str) -> Iterator[PurgeTimes]:
+    """Note, from a connection of its own on a thread, when the seeded rows are all gone
+    (the purge deletes them oldest first, so the newest goes last) and when the file has
+    given their pages back (free pages down to what retention keeps for new rows)."""
+    from flux.store.retention import KEEP_FREE
+
+    times = PurgeTimes()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with closing(sqlite3.connect(path, timeout=30)) as conn:
+            while not stop.wait(0.1):
+                now = time.perf_counter() - times.origin
+                if times.rows_gone_s is None:
+                    found = "SELECT 1 FROM events WHERE id = ?"
+                    if not conn.execute(found, (newest_seeded,)).fetchall():
+                        times.rows_gone_s = now
+                    continue
+                free, pages = (
+                    conn.execute(f"PRAGMA {name}").fetchone()[0]
+                    for name in ("freelist_count", "page_count")
+                )
+                if free <= pages * KEEP_FREE:
+                    times.reclaimed_s = now
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield times
+    finally:
+        stop.set()
+        watcher.join(30)
 
 
 #: A message of the paced stream: when it was sent (s after ``origin``), its latency (ms),
