@@ -35,6 +35,7 @@ from typing import Any, Protocol, Self, TypeVar
 from sqlalchemy import Column, Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from flux import faults
 from flux.config import DatabaseConfig
 from flux.metrics import DB_SIZE, RETENTION_ERRORS, RETENTION_PURGED
 from flux.store.schema import alerts, dead_letters, events, metadata
@@ -298,6 +299,7 @@ def _write(sql: str, params: list[Any], conn: sqlite3.Connection) -> int:
     try:
         conn.execute("BEGIN IMMEDIATE")
         count = conn.execute(sql, params).rowcount
+        faults.hit("disk_full")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -374,7 +376,9 @@ class PostgresRetention:
         if before is not None:
             statement = statement.where(target.time < before)
         async with self._engine.begin() as conn:
-            return int((await conn.execute(statement)).rowcount)
+            count = int((await conn.execute(statement)).rowcount)
+            faults.hit("disk_full")
+        return count
 
     async def oldest(self, target: Retained) -> Any:
         async with self._engine.connect() as conn:

@@ -16,6 +16,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, insert, select
 
+from flux import faults
+from flux.app import GatewayState
 from flux.config import DatabaseConfig, Settings
 from flux.store.database import SQLITE_WAL_LIMIT_BYTES, create_engine
 from flux.store.migrate import upgrade, upgrade_async
@@ -178,6 +180,43 @@ async def test_rows_past_their_retention_go_at_the_next_check_and_recent_ones_st
             assert await db.count(webhook_outbox) == 1
         finally:
             await db.close()
+
+
+async def test_a_failed_check_is_logged_counted_and_done_at_the_next_one(
+    tmp_path: Path,
+    broker: tuple[str, int],
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dev = unique("dev")
+    settings = make_settings(
+        tmp_path, broker, device_ids=[dev], database={"retention_interval_s": 0.2}
+    )
+    async with start_gateway(settings) as gateway:
+        db = Db(settings.database.url)
+        try:
+            await wait_until(lambda: gateway.retention.checks >= 1, what="a first check")
+            errors = REGISTRY.get_sample_value("flux_retention_errors_total") or 0.0
+            purged_before = purged("events", "age")
+            faults.arm("disk_full:1")  # the next write fails, as on a full disk
+            try:
+                await insert_rows(db, events, [event_row(dev, 40), event_row(dev, 0)])
+                await wait_until(
+                    lambda: REGISTRY.get_sample_value("flux_retention_errors_total") == errors + 1,
+                    what="a failed check counted",
+                )
+            finally:
+                faults.disarm()
+            await wait_until(
+                lambda: purged("events", "age") > purged_before,
+                what="the old event purged by a later check",
+            )
+            assert await ages_left(db, events, "payload") == [0.0]
+            assert gateway.state is GatewayState.RUNNING
+        finally:
+            await db.close()
+    failed = [r.getMessage() for r in caplog.records if "retention check failed" in r.getMessage()]
+    assert len(failed) == 1 and "database or disk is full" in failed[0], failed
 
 
 # -- size -----------------------------------------------------------------------------------------
