@@ -1451,7 +1451,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="drain,latency,http",
-        help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers; "
+        help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers, "
+        "retention (scripts/bench_retention.py); "
         "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL, "
         "S1=shipped, S2=storm (default: drain,latency,http)",
     )

@@ -192,9 +192,7 @@ class SqliteBatchWriter:
         ``work`` owns its transaction (BEGIN IMMEDIATE ... COMMIT).
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, lambda: work(self._connection())
-        )
+        return await loop.run_in_executor(self._executor, lambda: work(self._connection()))
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

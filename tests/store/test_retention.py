@@ -18,10 +18,16 @@ from sqlalchemy import func, insert, select
 
 from flux import faults
 from flux.app import GatewayState
-from flux.config import DatabaseConfig, Settings
+from flux.config import RETAINED_TABLES, DatabaseConfig, Settings
 from flux.store.database import SQLITE_WAL_LIMIT_BYTES, create_engine
 from flux.store.migrate import upgrade, upgrade_async
-from flux.store.retention import BATCH_ROWS, KEEP_FREE, PostgresRetention, Retention
+from flux.store.retention import (
+    BATCH_ROWS,
+    KEEP_FREE,
+    RETAINED,
+    PostgresRetention,
+    Retention,
+)
 from flux.store.schema import alerts, dead_letters, events, webhook_outbox
 from flux.store.sqlite_batch import SqliteTime
 from flux.workers import worker_overrides
@@ -391,6 +397,12 @@ def test_the_migration_turns_on_incremental_vacuum_and_keeps_the_rows(tmp_path: 
     with sqlite3.connect(seed_path) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
         assert conn.execute("SELECT id FROM events").fetchall() == [("a",)]
+
+
+def test_every_retained_table_has_its_setting() -> None:
+    assert tuple(RETAINED) == RETAINED_TABLES
+    config = DatabaseConfig(retention_days=9, alerts_retention_days=0)
+    assert [config.retention_days_of(t) for t in RETAINED] == [9, 0, 9]
 
 
 def test_only_worker_0_purges_a_shared_database() -> None:
