@@ -311,7 +311,7 @@ def _write(sql: str, params: list[Any], conn: sqlite3.Connection) -> int:
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     """Copy the WAL into the database file as far as no reader holds it back (passive:
-    never waits), which also truncates the file to the pages in use.
+    never waits); once all of it is copied, the file is cut to the database's pages.
 
     A purge writes many WAL pages; left to SQLite, the checkpoint it runs every 1000 pages
     falls on whichever commit crosses the mark, often an event batch, whose acknowledgement
