@@ -42,6 +42,7 @@ from flux.sampler import MetricsSampler
 from flux.sinks import Sinks, check_forward_sinks
 from flux.store.database import create_engine, export_pool_metrics
 from flux.store.migrate import upgrade_async
+from flux.store.retention import Retention
 from flux.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class Gateway:
         )
         self.writer = StoreWriter.from_config(
             settings.database, engine=self.engine, outbox=self.sinks
+        )
+        self.retention = Retention.from_config(
+            settings.database, engine=self.engine, writer=self.writer
         )
         self.bus = EventBus.from_config(settings.eventbus)
         self.plugins = PluginManager.from_config(settings.plugins)
@@ -168,6 +172,7 @@ class Gateway:
         await upgrade_async(settings.database)
         self._stack.push_async_callback(self.engine.dispose)
         await self._enter("store", self.writer)
+        await self._enter("retention", self.retention)
         self.bus.subscribe(
             STORE_SUBSCRIBER,
             self.writer.store_batch,

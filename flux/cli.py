@@ -1,4 +1,5 @@
-"""Command line: ``flux run``, ``flux db upgrade``, ``flux config check``, ``flux report``..."""
+"""Command line: ``flux run``, ``flux init``, ``flux db upgrade``, ``flux config check``,
+``flux report``, and the rule and plugin tools."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import orjson
 from flux import __version__
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError, FluxError, PortUnavailable
+from flux.shipped import init, warn_missing_dirs
 from flux.workers import WORKER_INDEX_ENV, attach_to_supervisor, run_workers
 
 DEFAULT_CONFIG = "config.toml"
@@ -51,6 +53,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cmd_run(args: argparse.Namespace) -> int:
     attach_to_supervisor()
     settings = _settings(args)
+    if os.environ.get(WORKER_INDEX_ENV) is None:  # the supervisor warned already
+        warn_missing_dirs(settings)
     if args.workers > 1:
         return run_workers(
             settings,
@@ -62,6 +66,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flux.app import run
 
     _run_async(run(settings))
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.dir)
+    written = init(target, force=args.force)
+    print(
+        f"wrote {len(written)} files (config.toml, rules/, plugins/) into {target.resolve()}; "
+        "`flux run` there starts the gateway"
+    )
     return 0
 
 
@@ -230,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.port+i (default 1: this process, no supervisor)",
     )
     run.set_defaults(handler=_cmd_run)
+
+    init_command = commands.add_parser(
+        "init",
+        help="write the shipped config.toml, rules/ and plugins/ into a directory",
+        description="Write the commented config.toml, the shipped rules/ and plugins/ into "
+        "DIR (default: here), so `flux run` finds them there. Existing files are left alone "
+        "(nothing is written) unless --force.",
+    )
+    init_command.add_argument("dir", nargs="?", default=".", metavar="DIR")
+    init_command.add_argument("--force", action="store_true", help="overwrite existing files")
+    init_command.set_defaults(handler=_cmd_init)
 
     db = commands.add_parser("db", help="database commands")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

@@ -204,11 +204,24 @@ class EventBusConfig(_Section):
         return own or self.overflow
 
 
+#: The tables retention purges by age and by size (``flux.store.retention``).
+RETAINED_TABLES = ("events", "alerts", "dead_letters")
+
+
 class DatabaseConfig(_Section):
     url: str = "sqlite+aiosqlite:///data/flux.db"
     batch_size: int = Field(500, ge=1, le=50_000)
     flush_interval_ms: int = Field(1, ge=1, le=60_000)
+    #: Days of rows to keep in every retained table (0 = forever).
     retention_days: int = Field(30, ge=0)
+    #: Per table, overriding ``retention_days`` (None: as it; 0: forever).
+    events_retention_days: int | None = Field(None, ge=0)
+    alerts_retention_days: int | None = Field(None, ge=0)
+    dead_letters_retention_days: int | None = Field(None, ge=0)
+    #: How often rows past their retention and the size budget are checked.
+    retention_interval_s: float = Field(60.0, gt=0)
+    #: The database's size budget in MiB (0 = unlimited): above it the oldest rows go.
+    max_size_mb: float = Field(0.0, ge=0)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
     retry_max_delay_s: float = Field(10.0, gt=0)
     #: SQLAlchemy's connection pool: connections kept open, extra ones allowed beyond them,
@@ -217,6 +230,11 @@ class DatabaseConfig(_Section):
     max_overflow: int = Field(5, ge=0, le=1000)
     pool_timeout_s: float = Field(30.0, gt=0, le=3600)
     pool_recycle_s: float = Field(0.0, ge=0)
+
+    def retention_days_of(self, table: str) -> int:
+        """Days of ``table`` (one of ``RETAINED_TABLES``) to keep; 0 = forever."""
+        own: int | None = getattr(self, f"{table}_retention_days")
+        return self.retention_days if own is None else own
 
     @field_validator("url")
     @classmethod
@@ -474,6 +492,7 @@ def _check_exposure(server: ServerConfig) -> None:
 
 
 __all__ = [
+    "RETAINED_TABLES",
     "DatabaseConfig",
     "EventBusConfig",
     "MetricsConfig",

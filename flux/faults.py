@@ -6,9 +6,10 @@ armed, comma-separated). ``FLUX_FAULT=db_io_error:5`` instead makes the first 5 
 ``hit("db_io_error")`` raise the ``OperationalError("disk I/O error")`` SQLAlchemy raises for
 a failing disk, inside the write transaction: an outage of 5 refused commits.
 ``FLUX_FAULT=disk_full:5`` raises SQLite's "database or disk is full" the same way, at every
-write the gateway makes (event batches, alerts, dead letters, the webhook outbox). The variable
-is read once, at import: when it is unset ``hit`` is a function that returns at once, so the
-hooks cost nothing in production. In-process tests may ``arm`` and ``disarm`` points.
+write the gateway makes (event batches, alerts, dead letters, the webhook outbox, retention's
+deletes). The variable is read once, at import: when it is unset ``hit`` is a function that
+returns at once, so the hooks cost nothing in production. In-process tests may ``arm`` and
+``disarm`` points.
 """
 
 from __future__ import annotations

@@ -165,6 +165,18 @@ DEAD_LETTERS_REFUSED = Counter(
     "flux_dead_letters_refused_total",
     "Dead letters the database refused; their messages are left unacknowledged",
 )
+RETENTION_PURGED = Counter(
+    "flux_retention_purged_total",
+    "Rows deleted by retention: past their table's age limit (age) or over the size budget (size)",
+    ["table", "reason"],
+)
+RETENTION_ERRORS = Counter(
+    "flux_retention_errors_total", "Retention checks that failed (retried at the next interval)"
+)
+DB_SIZE = Gauge(
+    "flux_db_size_bytes",
+    "Size of the database (SQLite: its pages; PostgreSQL: flux's tables with their indexes)",
+)
 HTTP_REQUEST_DURATION = Histogram(
     "flux_http_request_duration_seconds",
     "HTTP request duration",
@@ -178,6 +190,7 @@ __all__ = [
     "DB_CONNECTIONS_ACTIVE",
     "DB_CONNECTIONS_IDLE",
     "DB_QUERY_DURATION",
+    "DB_SIZE",
     "DB_WRITE_ERRORS",
     "DEAD_LETTERS",
     "DEAD_LETTERS_REFUSED",
@@ -193,6 +206,8 @@ __all__ = [
     "MQTT_MESSAGES",
     "MQTT_RECONNECTS",
     "MQTT_STALE_ACKS",
+    "RETENTION_ERRORS",
+    "RETENTION_PURGED",
     "SUBSCRIBER_ERRORS",
     "HotCount",
     "HotCounter",

@@ -11,7 +11,9 @@ per-worker overrides in the environment (``FLUX_<SECTION>__<KEY>``, see ``flux.c
 - ``mqtt.shared_group``: kept when configured, else ``flux``;
 - ``mqtt.client_id``: ``<client_id>-w<i>``, since each worker needs its own persistent session;
 - ``server.port`` and ``metrics.port``: ``port + i`` (0 stays 0);
-- ``mqtt.embedded``: ``off``, since the supervisor alone decides about the broker.
+- ``mqtt.embedded``: ``off``, since the supervisor alone decides about the broker;
+- ``database.*retention_days`` and ``database.max_size_mb``: 0 but for worker 0, the one
+  that purges the shared database.
 
 It forwards SIGTERM/SIGINT to the workers (each drains and exits 0), restarts a worker that
 exits on its own with capped backoff, and stops everything with exit code 2 when a worker
@@ -31,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux.config import Settings, load_settings
+from flux.config import RETAINED_TABLES, Settings, load_settings
 from flux.errors import ConfigError, FluxError
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.retry import Backoff
@@ -90,13 +92,18 @@ def _toml_string(value: str) -> str:
 def worker_overrides(settings: Settings, index: int) -> dict[str, str]:
     """The ``FLUX_*`` variables that turn the shared settings into worker ``index``'s."""
     mqtt = settings.mqtt
-    return {
+    overrides = {
         "FLUX_MQTT__SHARED_GROUP": _toml_string(mqtt.shared_group or DEFAULT_SHARED_GROUP),
         "FLUX_MQTT__CLIENT_ID": _toml_string(f"{mqtt.client_id}-w{index}"),
         "FLUX_MQTT__EMBEDDED": _toml_string("off"),
         "FLUX_SERVER__PORT": str(settings.server.port + index if settings.server.port else 0),
         "FLUX_METRICS__PORT": str(settings.metrics.port + index if settings.metrics.port else 0),
     }
+    if index:
+        # One purger per database: worker 0 (several would each cut the size excess).
+        keys = ["retention_days", "max_size_mb", *(f"{t}_retention_days" for t in RETAINED_TABLES)]
+        overrides.update({f"FLUX_DATABASE__{key.upper()}": "0" for key in keys})
+    return overrides
 
 
 def plan_workers(

@@ -105,6 +105,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_retention import scenario_retention  # noqa: E402
+
 from tests.support import (  # noqa: E402
     PrivateMosquitto,
     fleet,
@@ -115,7 +117,17 @@ from tests.support import (  # noqa: E402
 )
 
 #: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
-SCENARIO_NAMES = ("drain", "shipped", "storm", "latency", "http", "workers", "forward", "catchup")
+SCENARIO_NAMES = (
+    "drain",
+    "shipped",
+    "storm",
+    "latency",
+    "http",
+    "workers",
+    "forward",
+    "catchup",
+    "retention",
+)
 IDS = {
     "P1": "drain",
     "P3": "drain",
@@ -1441,6 +1453,7 @@ SCENARIOS = {
     "workers": scenario_workers,
     "forward": scenario_forward,
     "catchup": scenario_catchup,
+    "retention": scenario_retention,
 }
 
 
@@ -1588,7 +1601,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="drain,latency,http",
-        help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers; "
+        help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers, "
+        "retention (scripts/bench_retention.py); "
         "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL, "
         "S1=shipped, S2=storm, F1=forward, F2=catchup (default: drain,latency,http)",
     )

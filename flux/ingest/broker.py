@@ -74,8 +74,19 @@ def mosquitto_config(*, host: str, port: int, data_dir: Path, max_payload_bytes:
 class EmbeddedBroker:
     """Run a broker for the gateway's lifetime; ``kind`` is ``mosquitto`` or ``amqtt``."""
 
-    def __init__(self, *, kind: str, host: str, port: int, data_dir: Path, max_payload_bytes: int):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        host: str,
+        port: int,
+        data_dir: Path,
+        max_payload_bytes: int,
+        fallback: bool = False,
+    ):
         self.kind = kind
+        #: Chosen by ``auto`` because mosquitto is not on PATH.
+        self.fallback = fallback
         self.host = host
         self.port = port
         self._data_dir = data_dir
@@ -95,14 +106,16 @@ class EmbeddedBroker:
     def choose(cls, config: MqttConfig) -> EmbeddedBroker:
         """Pick the broker implementation the configuration asks for."""
         kind = config.embedded
+        fallback = kind == "auto" and not shutil.which("mosquitto")
         if kind == "auto":
-            kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+            kind = "amqtt" if fallback else "mosquitto"
         return cls(
             kind=kind,
             host=config.host,
             port=config.port,
             data_dir=Path(config.embedded_data_dir),
             max_payload_bytes=config.max_payload_bytes,
+            fallback=fallback,
         )
 
     async def __aenter__(self) -> Self:
@@ -113,6 +126,14 @@ class EmbeddedBroker:
         else:
             await self._start_amqtt()
         log.info("embedded %s broker listening on %s:%d", self.kind, self.host, self.port)
+        if self.kind == "amqtt":
+            why = "mosquitto is not on PATH" if self.fallback else "mqtt.embedded is amqtt"
+            log.warning(
+                "the embedded broker is amqtt (%s): it keeps sessions in memory, so QoS 1 "
+                "messages queued for the gateway do not survive a restart of this process. "
+                "Install mosquitto (Debian: apt install mosquitto) for a broker that keeps them",
+                why,
+            )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -27,6 +27,10 @@ from flux.metrics import DB_CONNECTIONS_ACTIVE, DB_CONNECTIONS_IDLE
 #: Execution option that marks a connection as a writer (``BEGIN IMMEDIATE`` on SQLite).
 WRITE_OPTION = "flux_write"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: The WAL file is cut back to this size when a checkpoint lets SQLite start it over: a
+#: burst (or a long reader holding checkpoints back) would otherwise leave it at its
+#: largest for good. About SQLite's checkpoint interval of 1000 pages.
+SQLITE_WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 
 def utc_datetime(timestamp: float) -> datetime:
@@ -115,12 +119,16 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, synchronous: str) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        immediate = connection.get_execution_options().get(WRITE_OPTION, False)
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return  # e.g. a migration's VACUUM, which no transaction may hold
+        immediate = options.get(WRITE_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
@@ -131,6 +139,8 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
 
 
 __all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "SQLITE_WAL_LIMIT_BYTES",
     "WRITE_OPTION",
     "create_engine",
     "export_pool_metrics",

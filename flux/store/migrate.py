@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from flux.config import DatabaseConfig
 from flux.errors import StoreUnavailable
+from flux.shipped import packaged
 from flux.store.database import create_engine, sqlite_path
 
 if TYPE_CHECKING:
@@ -30,10 +31,7 @@ _REVISION = re.compile(r"^(down_)?revision\b[^=]*=\s*['\"]?([\w-]+|None)", re.MU
 
 def migrations_dir() -> Path:
     """Find the migrations: inside the installed package, else the source checkout's folder."""
-    package_copy = Path(__file__).resolve().parent.parent / "_migrations"
-    if package_copy.is_dir():
-        return package_copy
-    return Path(__file__).resolve().parents[2] / "migrations"
+    return packaged("_migrations", "migrations")
 
 
 def head_revision() -> str:

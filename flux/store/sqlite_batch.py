@@ -25,15 +25,23 @@ import functools
 import itertools
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flux import faults
 from flux.events import Event
 from flux.sinks.rows import OutboxRow
-from flux.store.database import SQLITE_BUSY_TIMEOUT_MS, json_text, payload_text, utc_datetime
+from flux.store.database import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_WAL_LIMIT_BYTES,
+    json_text,
+    payload_text,
+    utc_datetime,
+)
+
+T = TypeVar("T")
 
 INSERT_EVENTS = (
     "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
@@ -230,6 +238,16 @@ class SqliteBatchWriter:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._commit, *prepared)
 
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` with this writer's connection on its thread, between two commits.
+
+        Other work waits for it as for a commit (no busy-handler sleeps), so maintenance
+        that runs here in short transactions delays a batch by one transaction at most.
+        ``work`` owns its transaction (BEGIN IMMEDIATE ... COMMIT).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: work(self._connection()))
+
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
@@ -248,6 +266,7 @@ class SqliteBatchWriter:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
             self._conn = conn
         return self._conn
 

@@ -24,7 +24,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from orjson import JSONEncodeError
 from sqlalchemy import delete, insert
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from flux.store.postgres_batch import PostgresBatchWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REASON_STORE_REJECTED = "store_rejected"
 #: How long queued alert and outbox rows wait for an event batch to take them along before
@@ -231,6 +232,13 @@ class StoreWriter:
                 len(self._riders.outbox),
             )
         await self._batches.close()
+
+    async def run_between_commits(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on the SQLite writer's own thread and connection, between two batch
+        commits (``SqliteBatchWriter.run``); SQLite only."""
+        if not isinstance(self._batches, SqliteBatchWriter):
+            raise TypeError("run_between_commits needs a SQLite database")
+        return await self._batches.run(work)
 
     # -- events ---------------------------------------------------------------------------
 
