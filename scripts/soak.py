@@ -1,6 +1,6 @@
 """Soak a real gateway process: a steady paced QoS 1 load, resources sampled as it runs.
 
-A benchmark, not a test (issue 5, scenario 11): ``python scripts/soak.py --minutes 10``.
+A benchmark, not a test (issue 5, scenario 11): ``python -m scripts.soak --minutes 10``.
 It starts a private Mosquitto and ``flux run`` (the same set-up as ``scripts/bench.py``:
 generated rules, a shipped plugin, SQLite unless ``--database-url``), publishes ``--rate``
 QoS 1 messages a second from ``--devices`` simulated devices for ``--minutes``, and every
@@ -34,12 +34,11 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench import Bench, Database, _cpu_model, _versions  # noqa: E402
-
-from tests.support import telemetry  # noqa: E402
+from scripts.bench.bench import Bench
+from scripts.bench.database import Database
+from scripts.bench.processes import cpu_model
+from scripts.bench.report import versions
+from tests.harness import telemetry
 
 #: Series that must stay flat in a healthy soak (second-half slope per minute, threshold).
 #: Tasks are judged idle before the load against idle after it (see ``main``).
@@ -247,8 +246,8 @@ def main() -> int:
     # are noise around a level; what must not grow is the idle count.
     flat["tasks"] = idle_after["tasks"] <= idle_before["tasks"] + 2
     report = {
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
-        "versions": _versions(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "versions": versions(),
         "settings": vars(args),
         "sent": sent,
         "stored": stored,

@@ -9,7 +9,7 @@ import pytest
 
 from flux.config import MqttConfig
 from flux.ingest.broker import EmbeddedBroker
-from tests.support import free_port, mosquitto_available
+from tests.harness import free_port, mosquitto_available
 
 
 @pytest.mark.parametrize(

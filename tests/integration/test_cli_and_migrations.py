@@ -29,7 +29,7 @@ from flux.store.migrate import (
     upgrade_async,
 )
 from flux.store.schema import metadata
-from tests.support import device, free_port, unique, wait_until
+from tests.harness import device, free_port, unique, wait_until
 
 
 def _flux(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:

@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from flux.store.schema import events
-from tests.conftest import make_settings
-from tests.support import Device, free_port, mosquitto_available, unique, wait_until
+from tests.harness import Device, free_port, make_settings, mosquitto_available, unique, wait_until
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])

@@ -8,8 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import make_settings
-from tests.support import unique
+from tests.harness import make_settings, unique
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from sqlalchemy import func, select
 from flux.app import Gateway
 from flux.metrics import DEAD_LETTERS
 from flux.store.schema import dead_letters, devices, events
-from tests.conftest import make_settings
-from tests.support import device, unique, wait_until
+from tests.harness import device, make_settings, unique, wait_until
 
 
 async def _count(gateway: Gateway, table: Any) -> int:

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flux.metrics import DB_WRITE_ERRORS, MQTT_STALE_ACKS
-from tests.conftest import make_settings
-from tests.fake_broker import FakeBroker, Session
-from tests.support import sqlite_write_lock, unique, wait_until
+from tests.harness import FakeBroker, Session, make_settings, sqlite_write_lock, unique, wait_until
 
 
 def _stored(path: Path, seq: int) -> bool:

@@ -14,12 +14,12 @@ from sqlalchemy import select
 
 from flux.app import Gateway
 from flux.store.schema import alerts, dead_letters, devices, events
-from tests.conftest import make_settings
-from tests.hook_server import HookServer
-from tests.support import (
+from tests.harness import (
+    HookServer,
     Listener,
     PrivateMosquitto,
     device,
+    make_settings,
     mosquitto_available,
     unique,
     wait_until,

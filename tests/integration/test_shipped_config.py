@@ -3,7 +3,7 @@
 The configuration file is loaded as it ships; only what must differ on a test machine comes
 from ``FLUX_*`` overrides, as an operator would set it (broker, client id, database file,
 ports, module cache, and the absolute rules and plugins folders). A fleet of 200 sensors
-(``tests.support.FleetDevice``: drifting temperatures, humidity, battery in percent, the
+(``tests.harness.FleetDevice``: drifting temperatures, humidity, battery in percent, the
 device's own ``ts``) queues 3,000 QoS 1 readings while the gateway is down; the gateway
 then drains them. Pass: no dead letter, every reading stored once and enriched once, the
 batch statistics account for every reading, and each shipped rule raised exactly the
@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from flux.config import Settings, load_settings
 from flux.store.schema import alerts, dead_letters, devices, events
-from tests.faults._harness import Db
-from tests.support import (
+from tests.harness import (
+    Db,
     Device,
     Listener,
     PrivateMosquitto,

@@ -25,7 +25,7 @@ from flux.store.migrate import upgrade_async
 from flux.store.schema import dead_letters, devices, events
 from flux.store.sqlite_batch import SqliteTime
 from flux.store.writer import REASON_STORE_REJECTED, StoreWriter
-from tests.support import wait_until
+from tests.harness import wait_until
 
 
 def _batch() -> list[Event]:

@@ -24,8 +24,7 @@ from flux.store.database import create_engine
 from flux.store.migrate import upgrade
 from flux.store.outbox import outbox_values
 from flux.store.schema import dead_letters, outbox
-from tests.hook_server import HookServer
-from tests.support import free_port, wait_until
+from tests.harness import HookServer, free_port, wait_until
 
 
 @pytest.fixture

@@ -27,8 +27,16 @@ import pytest
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError
 from flux.workers import Supervisor, plan_workers, worker_overrides
-from tests.faults._harness import Db, SeqDevice, clean_env, metric_value, write_config
-from tests.support import PrivateMosquitto, free_port, wait_until
+from tests.harness import (
+    Db,
+    PrivateMosquitto,
+    SeqDevice,
+    clean_env,
+    free_port,
+    metric_value,
+    wait_until,
+    write_config,
+)
 
 DEVICES = 4
 PER_DEVICE = 100

@@ -8,7 +8,7 @@ from flux.bus import EventBus
 from flux.errors import BusClosed
 from flux.events import Event, make_event
 from flux.metrics import DEGRADED, EVENTBUS_DROPPED, SUBSCRIBER_ERRORS
-from tests.support import wait_until
+from tests.harness import wait_until
 
 
 def _event(n: int, *, acked: bool = False) -> Event:

@@ -19,7 +19,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support import PrivateMosquitto, mosquitto_available, unique
+from tests.harness.brokers import PrivateMosquitto
+from tests.harness.tools import mosquitto_available
+from tests.harness.waiting import unique
 
 USER, PASSWORD = "site-7", "upstream-secret"
 
@@ -84,7 +86,7 @@ class UpstreamListener:
         self.client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 3600
         self.client.connect(
             "localhost", upstream.broker.port, clean_start=False, properties=properties

@@ -1,160 +1,20 @@
-"""Helpers the tests share: real brokers, databases, a paho device simulator, waiting."""
+"""Simulated devices: telemetry, a drifting sensor fleet, paho publishers and listeners."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import pwd
 import random
-import shutil
-import socket
-import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(host, port, 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 20.0, what: str = ""
-) -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
-
-
-class PrivateMosquitto:
-    """A Mosquitto of the test's own on a free port; stoppable and restartable."""
-
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        persistent: bool = True,
-        max_inflight: int = 0,
-        as_embedded: bool = False,
-        users: dict[str, str] | None = None,
-        tls: tuple[Path, Path] | None = None,
-    ) -> None:
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="flux-mosq-"))
-        self.persistent = persistent
-        #: Mosquitto's max_inflight_messages, also the Receive Maximum it announces (0: its
-        #: default, 20).
-        self.max_inflight = max_inflight
-        #: Run with the configuration flux gives its embedded Mosquitto (what ships).
-        self.as_embedded = as_embedded
-        #: Only these users (name -> password) may connect; None: anyone, anonymously.
-        self.users = users
-        #: (certificate chain, key) files: the listener speaks TLS (mqtts://).
-        self.tls = tls
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        config = self.dir / "mosquitto.conf"
-        if self.as_embedded:
-            from flux.ingest.broker import mosquitto_config
-
-            config.write_text(
-                mosquitto_config(
-                    host="127.0.0.1", port=self.port, data_dir=self.dir, max_payload_bytes=262144
-                )
-            )
-        else:
-            # Our own user: started by root, Mosquitto would switch to "mosquitto", which
-            # cannot read files in this private folder.
-            lines = [
-                f"user {pwd.getpwuid(os.getuid()).pw_name}",
-                f"listener {self.port} 127.0.0.1",
-                "max_queued_messages 100000",
-            ]
-            if self.tls is not None:
-                lines += [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"]
-            if self.users is None:
-                lines.append("allow_anonymous true")
-            else:
-                lines += ["allow_anonymous false", f"password_file {self._password_file()}"]
-            if self.max_inflight:
-                lines.append(f"max_inflight_messages {self.max_inflight}")
-            if self.persistent:
-                lines += ["persistence true", f"persistence_location {self.dir}/"]
-            config.write_text("\n".join(lines) + "\n")
-        self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port("127.0.0.1", self.port)
-
-    def _password_file(self) -> Path:
-        path = self.dir / "passwords"
-        path.touch(mode=0o600)
-        for user, password in (self.users or {}).items():
-            subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True)
-        return path
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@asynccontextmanager
-async def sqlite_write_lock(path: Path) -> AsyncIterator[None]:
-    """Hold the database's write lock from another connection, as an external writer would:
-    taken on a thread, so the gateway's event loop goes on while it waits for the lock."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-    await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
+from tests.harness.waiting import unique
 
 
 def telemetry(seq: int) -> bytes:
@@ -168,7 +28,6 @@ def telemetry(seq: int) -> bytes:
             "ts": time.time(),
         }
     )
-
 
 class FleetDevice:
     """One simulated sensor of a fleet, as real ones report: slow drifts, not random noise.
@@ -226,7 +85,6 @@ class FleetDevice:
         self.ts += self.interval_s
         return payload
 
-
 def fleet(
     devices: int, per_device: int, *, seed: int = 7, interval_s: float = 5.0
 ) -> list[FleetDevice]:
@@ -236,32 +94,9 @@ def fleet(
         FleetDevice(i, seed=seed, first_ts=first_ts, interval_s=interval_s) for i in range(devices)
     ]
 
-
 def fleet_messages(devices: list[FleetDevice], per_device: int) -> list[tuple[str, dict[str, Any]]]:
     """``per_device`` readings of every device, interleaved as a fleet sends them."""
     return [(d.topic, d.reading()) for _ in range(per_device) for d in devices]
-
-
-def mosquitto_available() -> bool:
-    return shutil.which("mosquitto") is not None
-
-
-#: ``.ci/run`` sets this to 1: a test whose tool (promtool, Chromium) is missing then fails
-#: instead of skipping, so CI cannot pass by not running it.
-REQUIRE_TOOLS_ENV = "FLUX_REQUIRE_TOOLS"
-
-
-def require_tool(name: str, *, install: str) -> str:
-    """The path of the executable ``name``; without it skip the test, saying which Debian
-    package ``install`` brings it, or fail when ``FLUX_REQUIRE_TOOLS=1``."""
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"{name} is not installed (Debian: apt-get install {install})"
-    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
-        pytest.fail(f"{message}; {REQUIRE_TOOLS_ENV}=1 requires it")
-    pytest.skip(message)
-
 
 class Listener:
     """A paho client subscribed (QoS 1) to topic filters, collecting what the gateway
@@ -292,7 +127,6 @@ class Listener:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
 
 class Device:
     """A paho-mqtt device simulator: publishes and waits for the broker's PUBACKs."""
@@ -329,7 +163,6 @@ class Device:
         self.client.disconnect()
         self.client.loop_stop()
 
-
 @contextmanager
 def device(host: str, port: int) -> Iterator[Device]:
     sim = Device(host, port)
@@ -338,9 +171,82 @@ def device(host: str, port: int) -> Iterator[Device]:
     finally:
         sim.close()
 
+class SeqDevice:
+    """A paho device with a persistent session that numbers its messages and tracks PUBACKs.
 
-def unique(prefix: str = "t") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
+    ``clean_session=False`` and a fixed client id: after a broker restart paho reconnects on
+    its own and republishes every QoS 1 message it holds no PUBACK for. A message published
+    while disconnected stays queued in paho and goes out on the reconnect.
+    """
 
+    def __init__(self, host: str, port: int, *, client_id: str | None = None) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"seqdev-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+            clean_session=False,
+        )
+        self.client.max_inflight_messages_set(200)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self._lock = threading.Lock()
+        self._seq_by_mid: dict[int, int] = {}
+        self._early: set[int] = set()
+        self.acked: set[int] = set()
+        self.sent = 0
+        self.connects = 0
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.connect(host, port, keepalive=10)
+        self.client.loop_start()
+        if not self.connected.wait(10):
+            self.client.loop_stop()
+            raise TimeoutError("the device simulator could not connect")
 
-Json = dict[str, Any]
+    def _on_connect(self, *args: Any) -> None:
+        self.connects += 1
+        self.connected.set()
+
+    def _on_disconnect(self, *args: Any) -> None:
+        self.connected.clear()
+
+    def _on_publish(self, _client: Any, _userdata: Any, mid: int, *args: Any) -> None:
+        with self._lock:
+            seq = self._seq_by_mid.pop(mid, None)
+            if seq is None:
+                self._early.add(mid)  # acknowledged before publish() returned its mid
+            else:
+                self.acked.add(seq)
+
+    def publish_seq(
+        self, topic: str, seqs: range, *, qos: int = 1, pad: int = 0, pace_every: int = 0
+    ) -> None:
+        """Publish ``{"seq": n}`` for each n; ``pace_every`` yields the GIL every n messages."""
+        filler = "x" * pad
+        for seq in seqs:
+            payload = orjson.dumps({"seq": seq, "pad": filler} if pad else {"seq": seq})
+            # Not under self._lock: paho calls on_publish holding its own message lock.
+            info = self.client.publish(topic, payload, qos=qos)
+            if qos:
+                with self._lock:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                        self.acked.add(seq)
+                    else:
+                        self._seq_by_mid[info.mid] = seq
+            self.sent += 1
+            if pace_every and seq % pace_every == 0:
+                time.sleep(0.001)  # pacing a stream, not synchronising
+
+    def unacked(self) -> int:
+        with self._lock:
+            return len(self._seq_by_mid)
+
+    def all_acked(self) -> bool:
+        return self.unacked() == 0
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

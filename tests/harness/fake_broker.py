@@ -1,8 +1,7 @@
 """A scripted MQTT v5 broker for exact protocol bytes: what the gateway acknowledges, when.
 
 Only what the PUBACK tests need: CONNECT/CONNACK, SUBSCRIBE/SUBACK, PINGREQ, sending QoS 1
-PUBLISH packets and recording every packet the client sends back.
-"""
+PUBLISH packets and recording every packet the client sends back."""
 
 from __future__ import annotations
 

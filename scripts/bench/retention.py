@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 if TYPE_CHECKING:
-    from bench import Bench, Run
+    from scripts.bench.bench import Bench, Run
 
 #: Old events the purge has to delete.
 PURGE_ROWS = 1_000_000

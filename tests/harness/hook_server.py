@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.support import free_port
+from tests.harness.waiting import free_port
 
 
 @dataclass(frozen=True)
