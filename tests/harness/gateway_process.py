@@ -187,3 +187,16 @@ async def wait_subscribed(sim: SeqDevice, db: Db, dev: str, *, timeout: float = 
 
 async def _has_rows(db: Db, topic: str) -> bool:
     return await db.count(events, events.c.topic == topic) > 0
+
+
+def flux_command(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``python -m flux ARGS`` to completion (2 minutes at most); the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "flux", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+        env=env,
+    )
