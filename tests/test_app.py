@@ -32,7 +32,7 @@ from tests.harness import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 200
 PER_DEVICE = 15
 TOTAL = DEVICES * PER_DEVICE

@@ -9,7 +9,7 @@ import pytest
 from flux.config import Settings, load_settings
 from flux.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_config_equals_the_built_in_defaults(shipped_settings: Settings) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-FLUX = Path(__file__).resolve().parents[2] / "flux"
+FLUX = Path(__file__).resolve().parents[1] / "flux"
 
 
 def imported_modules(path: Path) -> set[str]:

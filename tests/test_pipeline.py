@@ -25,7 +25,7 @@ from tests.harness import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def frame(temp_centi: int, humidity: int, battery_mv: int, flags: int = 0) -> bytes:
