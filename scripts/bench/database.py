@@ -204,6 +204,25 @@ class Database:
         finally:
             reader.close()
 
+    def device_messages(self) -> int:
+        """Device messages committed (``devices.message_count``): unlike the events, no
+        retention ever removes them."""
+        sql = "SELECT coalesce(sum(message_count), 0) FROM devices"
+        if self.sqlite_path is None:
+            return int(pg_execute(self.url, sql))
+        with sqlite3.connect(self.sqlite_path, timeout=30) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+
+    def size_bytes(self) -> int:
+        """The SQLite file and its WAL on disk (0 for PostgreSQL: see ``flux_db_size_bytes``)."""
+        if self.sqlite_path is None:
+            return 0
+        return sum(
+            Path(f"{self.sqlite_path}{suffix}").stat().st_size
+            for suffix in ("", "-wal")
+            if Path(f"{self.sqlite_path}{suffix}").exists()
+        )
+
     def table_counts(self) -> dict[str, int]:
         """Rows in the tables a drain writes: events (every hop), alerts, dead letters."""
         tables = ("events", "alerts", "dead_letters")
