@@ -13,4 +13,4 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     . .venv/bin/activate
     pip install -q -e '.[dev]'
 fi
-exec python scripts/bench.py "$@"
+exec python -m scripts.bench "$@"

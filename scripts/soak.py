@@ -1,6 +1,6 @@
 """Soak a real gateway process: a steady paced QoS 1 load, resources sampled as it runs.
 
-A benchmark, not a test (issue 5, scenario 11): ``python scripts/soak.py --minutes 10``.
+A benchmark, not a test (issue 5, scenario 11): ``python -m scripts.soak --minutes 10``.
 It starts a private Mosquitto and ``flux run`` (the same set-up as ``scripts/bench.py``:
 generated rules, a shipped plugin, SQLite unless ``--database-url``), publishes ``--rate``
 QoS 1 messages a second from ``--devices`` simulated devices for ``--minutes``, and every
@@ -34,12 +34,11 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench import Bench, Database, _cpu_model, _versions  # noqa: E402
-
-from tests.support import telemetry  # noqa: E402
+from scripts.bench.bench import Bench
+from scripts.bench.database import Database
+from scripts.bench.processes import cpu_model
+from scripts.bench.report import versions
+from tests.harness import telemetry
 
 #: Series that must stay flat in a healthy soak (second-half slope per minute, threshold).
 #: Tasks are judged idle before the load against idle after it (see ``main``).
@@ -116,7 +115,9 @@ def _proc(pid: int) -> dict[str, float]:
     }
 
 
-def sample(bench: Bench, pid: int, load: Load, started: float) -> dict[str, Any]:
+def sample(
+    bench: Bench, pid: int, load: Load, started: float, latency: CommitLatency
+) -> dict[str, Any]:
     """One row: process figures from /proc, the rest from the gateway's own API."""
     assert bench.db is not None
     row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), **_proc(pid)}
@@ -130,9 +131,43 @@ def sample(bench: Bench, pid: int, load: Load, started: float) -> dict[str, Any]
     row["plugin_recycles"] = sum(sum(p["pool"]["recycles"].values()) for p in plugins)
     row["sent"] = load.sent
     row["acked_by_broker"] = load.acked
-    row["stored"] = bench.db.count()
+    row["stored"] = bench.db.device_messages()
     row["lag"] = row["acked_by_broker"] - row["stored"]
+    row["db_mib"] = round(bench.db.size_bytes() / 2**20, 2)
+    row.update(latency.read())
     return row
+
+
+class CommitLatency:
+    """From the gateway's /metrics: rows purged so far, and the receipt-to-commit p99 since
+    the previous reading (the histogram's buckets, differenced)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._previous: dict[float, float] = {}
+
+    def read(self) -> dict[str, float | None]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self._port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        purged = 0.0
+        buckets: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "flux_retention_purged_total":
+                    purged += sample.value
+                elif sample.name == "flux_event_commit_latency_seconds_bucket":
+                    buckets[float(sample.labels["le"])] = sample.value
+        window = sorted((le, count - self._previous.get(le, 0.0)) for le, count in buckets.items())
+        self._previous = buckets
+        total = window[-1][1] if window else 0.0
+        p99 = next((le for le, count in window if total and count >= 0.99 * total), None)
+        return {
+            "purged_rows": purged,
+            "commit_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        }
 
 
 def _slope_per_min(points: list[tuple[float, float]]) -> float:
@@ -151,7 +186,7 @@ def _slope_per_min(points: list[tuple[float, float]]) -> float:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = ["rss_mib", "open_files", "threads", "tasks", "plugin_instances"]
-    keys += ["bus_depth", "mqtt_pending", "lag", "cpu_s"]
+    keys += ["bus_depth", "mqtt_pending", "lag", "cpu_s", "db_mib", "commit_p99_ms", "purged_rows"]
     half = rows[len(rows) // 2 :]
     summary: dict[str, dict[str, float]] = {}
     for key in keys:
@@ -181,10 +216,15 @@ def main() -> int:
     parser.add_argument("--rules", type=int, default=10, help="generated rules (0 = none)")
     parser.add_argument("--plugin", default="enrich", help="shipped plugin ('' = none)")
     parser.add_argument("--database-url", default="", help="PostgreSQL URL instead of SQLite")
+    parser.add_argument(
+        "--retention-interval-s", type=float, default=0, help="database.retention_interval_s"
+    )
+    parser.add_argument("--max-size-mb", type=float, default=0, help="database.max_size_mb")
     parser.add_argument("--output", default="soak-results.json")
     args = parser.parse_args()
     args.qos = 1
     args.profile = ""
+    args.broker = "embedded"  # the broker the shipped config.toml starts
     bench = Bench(args=args)
     broker = bench.new_broker()
     bench.db = (
@@ -196,12 +236,16 @@ def main() -> int:
     exit_code: int | None = None
     try:
         bench.db.reset()
-        config = bench.config(mqtt={"client_id": "flux-soak"})
+        database: dict[str, Any] = {"max_size_mb": args.max_size_mb}
+        if args.retention_interval_s:
+            database["retention_interval_s"] = args.retention_interval_s
+        config = bench.config(mqtt={"client_id": "flux-soak"}, database=database)
         with bench.gateway(config) as gateway:
             process = gateway.process
             load = Load(broker.port, args.devices, args.rate)
+            latency = CommitLatency(bench.http_port)
             started = time.monotonic()
-            idle_before = sample(bench, process.pid, load, started)
+            idle_before = sample(bench, process.pid, load, started, latency)
             load.start()
             end = started + args.minutes * 60
             next_sample = started
@@ -209,14 +253,16 @@ def main() -> int:
                 while time.monotonic() < end:
                     now = time.monotonic()
                     if now >= next_sample:
-                        row = sample(bench, process.pid, load, started)
+                        row = sample(bench, process.pid, load, started, latency)
                         rows.append(row)
                         print(
                             f"t={row['t_s']:>6.0f}s rss={row['rss_mib']:6.1f}MiB "
                             f"fds={row['open_files']} threads={row['threads']} "
                             f"tasks={row['tasks']} instances={row['plugin_instances']} "
                             f"depth={row['bus_depth']} pending={row['mqtt_pending']} "
-                            f"lag={row['lag']} degraded={','.join(row['degraded']) or '-'}",
+                            f"lag={row['lag']} db={row['db_mib']}MiB "
+                            f"p99={row['commit_p99_ms']}ms purged={row['purged_rows']:.0f} "
+                            f"degraded={','.join(row['degraded']) or '-'}",
                             flush=True,
                         )
                         next_sample += args.sample_s
@@ -225,13 +271,13 @@ def main() -> int:
                 load.stop()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and (
-                bench.db.count() < load.sent
+                bench.db.device_messages() < load.sent
                 or _get_json(bench.http_port, "/api/v1/status")["mqtt_pending"]
             ):
                 time.sleep(0.2)
-            idle_after = sample(bench, process.pid, load, started)
+            idle_after = sample(bench, process.pid, load, started, latency)
             load.close()
-            sent, stored = load.sent, bench.db.count()
+            sent, stored = load.sent, bench.db.device_messages()
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(60)
     finally:
@@ -247,8 +293,8 @@ def main() -> int:
     # are noise around a level; what must not grow is the idle count.
     flat["tasks"] = idle_after["tasks"] <= idle_before["tasks"] + 2
     report = {
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
-        "versions": _versions(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "versions": versions(),
         "settings": vars(args),
         "sent": sent,
         "stored": stored,

@@ -15,8 +15,13 @@ import pytest
 from flux.api.server import HttpServer
 from flux.app import Gateway, serve
 from flux.config import Settings, load_settings
-from tests.support import PrivateMosquitto, mosquitto_available, port_open, unique
-from tests.upstream import Upstream, upstream_broker
+from tests.harness import (
+    PrivateMosquitto,
+    Upstream,
+    mosquitto_available,
+    port_open,
+    upstream_broker,
+)
 
 PG_URL = os.environ.get("FLUX_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -33,7 +38,7 @@ def broker() -> Iterator[tuple[str, int]]:
         yield ("127.0.0.1", private.port)
         private.cleanup()
         return
-    from tests.support import free_port
+    from tests.harness import free_port
 
     port = free_port()
     ready: Any = {}
@@ -59,7 +64,7 @@ def broker() -> Iterator[tuple[str, int]]:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    from tests.support import wait_port
+    from tests.harness import wait_port
 
     wait_port("127.0.0.1", port)
     yield ("127.0.0.1", port)
@@ -90,37 +95,6 @@ async def pg_url() -> AsyncIterator[str]:
     admin = await asyncpg.connect(base)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await admin.close()
-
-
-def make_settings(
-    tmp_path: Path,
-    broker: tuple[str, int],
-    *,
-    device_ids: list[str] | None = None,
-    database_url: str | None = None,
-    **sections: dict[str, Any],
-) -> Settings:
-    """Settings for one test: its own topics, client id, database file and ports."""
-    host, port = broker
-    topics = [f"devices/{device}/#" for device in device_ids or [unique("dev")]]
-    data: dict[str, Any] = {
-        "server": {"port": 0},
-        "metrics": {"port": 0},
-        "mqtt": {
-            "url": f"mqtt://{host}:{port}",
-            "client_id": unique("flux-test-"),
-            "topics": topics,
-            "session_expiry_s": 120,
-            "embedded": "off",
-            "embedded_data_dir": str(tmp_path / "broker"),
-        },
-        "database": {"url": database_url or f"sqlite+aiosqlite:///{tmp_path}/flux.db"},
-        "rules": {"dir": str(tmp_path / "rules")},
-        "plugins": {"dir": str(tmp_path / "plugins")},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return Settings.model_validate(data)
 
 
 GatewayFactory = Callable[[Settings], Awaitable[Gateway]]

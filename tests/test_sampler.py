@@ -6,7 +6,7 @@ import pytest
 
 from flux.sampler import MetricsSampler, chart_point
 from flux.snapshot import MetricsSnapshot
-from tests.support import wait_until
+from tests.harness import wait_until
 
 
 def snapshot(at: float, **values: dict[tuple[tuple[str, str], ...], float]) -> MetricsSnapshot:

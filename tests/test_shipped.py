@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from flux.errors import FluxError
 from flux.shipped import init, shipped_files
-from tests.support import PrivateMosquitto, free_port, wait_until
+from tests.harness import PrivateMosquitto, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 

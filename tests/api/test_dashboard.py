@@ -23,8 +23,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.faults._harness import GatewayProcess, write_config
-from tests.support import FleetDevice, device, require_tool, unique
+from tests.harness import FleetDevice, GatewayProcess, device, require_tool, unique, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

@@ -21,9 +21,8 @@ from flux.cli import main
 from flux.config import Settings
 from flux.plugins import PoolExhausted
 from flux.plugins import pool as pool_module
-from tests.conftest import make_settings
+from tests.harness import make_settings, unique, wait_until
 from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
-from tests.support import unique, wait_until
 
 TOKEN = "r3port"
 

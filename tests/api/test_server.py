@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trustme
 
-from tests.conftest import make_settings
+from tests.harness import make_settings
 
 
 @pytest.fixture

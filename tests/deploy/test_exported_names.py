@@ -24,9 +24,8 @@ import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import make_settings
+from tests.harness import FleetDevice, device, make_settings, unique, wait_until
 from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
-from tests.support import FleetDevice, device, unique, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "flux.json"

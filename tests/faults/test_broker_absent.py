@@ -13,8 +13,18 @@ import httpx
 import pytest
 import trustme
 
-from tests.faults._harness import Db, GatewayProcess, SeqDevice, clean_env, write_config
-from tests.support import PrivateMosquitto, free_port, mosquitto_available, unique, wait_until
+from tests.harness import (
+    Db,
+    GatewayProcess,
+    PrivateMosquitto,
+    SeqDevice,
+    clean_env,
+    free_port,
+    mosquitto_available,
+    unique,
+    wait_until,
+    write_config,
+)
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,9 +18,15 @@ from typing import Any
 import pytest
 
 from flux.metrics import MQTT_RECONNECTS
-from tests.conftest import make_settings
-from tests.faults._harness import Db, SeqDevice, wait_subscribed
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.harness import (
+    Db,
+    PrivateMosquitto,
+    SeqDevice,
+    make_settings,
+    unique,
+    wait_subscribed,
+    wait_until,
+)
 
 BATCH = 50
 SENT = 4000

@@ -31,18 +31,21 @@ from flux import faults
 from flux.app import Gateway
 from flux.metrics import DB_WRITE_ERRORS, MQTT_MESSAGES
 from flux.store.database import sqlite_path
-from tests.conftest import make_settings
-from tests.faults._harness import (
+from tests.harness import (
     Db,
     GatewayProcess,
+    PrivateMosquitto,
     PrivatePostgres,
     SeqDevice,
     clean_env,
+    make_settings,
     metric_value,
+    sqlite_write_lock,
+    unique,
     wait_subscribed,
+    wait_until,
     write_config,
 )
-from tests.support import PrivateMosquitto, sqlite_write_lock, unique, wait_until
 
 BATCH = 50
 CAPACITY = 64

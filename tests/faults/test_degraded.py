@@ -23,9 +23,17 @@ from flux.metrics import DEGRADED
 from flux.store.database import create_engine, sqlite_path
 from flux.store.migrate import upgrade_async
 from flux.store.writer import StoreWriter
-from tests.conftest import make_settings
-from tests.faults._harness import Db, SeqDevice, metric_value, wait_subscribed
-from tests.support import PrivateMosquitto, sqlite_write_lock, unique, wait_until
+from tests.harness import (
+    Db,
+    PrivateMosquitto,
+    SeqDevice,
+    make_settings,
+    metric_value,
+    sqlite_write_lock,
+    unique,
+    wait_subscribed,
+    wait_until,
+)
 
 CAPACITY = 32
 

@@ -16,17 +16,19 @@ import httpx
 import pytest
 
 from flux.store.schema import alerts, dead_letters
-from tests.faults._harness import (
+from tests.harness import (
     Db,
     GatewayProcess,
+    HookServer,
+    PrivateMosquitto,
     SeqDevice,
     clean_env,
     metric_value,
+    unique,
     wait_subscribed,
+    wait_until,
     write_config,
 )
-from tests.hook_server import HookServer
-from tests.support import PrivateMosquitto, unique, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.faults._harness import GatewayProcess, write_config
-from tests.support import PrivateMosquitto, unique
+from tests.harness import GatewayProcess, PrivateMosquitto, unique, write_config
 
 TOKEN = "t0ken"
 EXAMPLES_PER_MODE = 40

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._harness import clean_env, write_config
-from tests.support import free_port
+from tests.harness import clean_env, free_port, write_config
 
 EXIT_CONFIG = 2
 

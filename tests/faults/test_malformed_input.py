@@ -34,9 +34,15 @@ from flux.events import (
     make_event,
 )
 from flux.metrics import SUBSCRIBER_ERRORS
-from tests.conftest import make_settings
-from tests.faults._harness import Db, SeqDevice, wait_subscribed
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.harness import (
+    Db,
+    PrivateMosquitto,
+    SeqDevice,
+    make_settings,
+    unique,
+    wait_subscribed,
+    wait_until,
+)
 
 MAX_BYTES = 65_536  # room for 10k-deep nesting below the size limit
 REASONS = {

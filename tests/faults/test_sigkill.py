@@ -19,9 +19,17 @@ from pathlib import Path
 import pytest
 
 from flux.store.schema import events
-from tests.faults._harness import Db, GatewayProcess, SeqDevice, clean_env, prime_session
-from tests.faults._harness import write_config as _write_config
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.harness import (
+    Db,
+    GatewayProcess,
+    PrivateMosquitto,
+    SeqDevice,
+    clean_env,
+    prime_session,
+    unique,
+    wait_until,
+)
+from tests.harness import write_config as _write_config
 
 BATCH = 50
 RECEIVE_MAXIMUM = 2 * BATCH

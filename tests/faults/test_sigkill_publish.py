@@ -19,16 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._harness import (
+from tests.harness import (
     Db,
     GatewayProcess,
+    Listener,
     MqttProxy,
+    PrivateMosquitto,
     SeqDevice,
     clean_env,
+    mosquitto_available,
     prime_session,
+    unique,
+    wait_until,
 )
-from tests.faults._harness import write_config as _write_config
-from tests.support import Listener, PrivateMosquitto, mosquitto_available, unique, wait_until
+from tests.harness import write_config as _write_config
 
 SENT = 3000
 

@@ -16,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._harness import Db, GatewayProcess, SeqDevice, wait_subscribed, write_config
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.harness import (
+    Db,
+    GatewayProcess,
+    PrivateMosquitto,
+    SeqDevice,
+    unique,
+    wait_subscribed,
+    wait_until,
+    write_config,
+)
 
 SENT = 5000
 

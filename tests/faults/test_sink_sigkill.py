@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 
 from flux.store.schema import outbox
-from tests.faults._harness import Db, GatewayProcess, SeqDevice, write_config
-from tests.support import PrivateMosquitto, unique, wait_until
-from tests.upstream import Upstream, UpstreamListener, first_arrivals_in_order
+from tests.harness import (
+    Db,
+    GatewayProcess,
+    PrivateMosquitto,
+    SeqDevice,
+    Upstream,
+    UpstreamListener,
+    first_arrivals_in_order,
+    unique,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,15 @@ import pytest
 from flux.app import Gateway
 from flux.events import Event
 from flux.metrics import EVENTBUS_DROPPED
-from tests.conftest import make_settings
-from tests.faults._harness import Db, SeqDevice, wait_subscribed
-from tests.support import PrivateMosquitto, unique, wait_until
+from tests.harness import (
+    Db,
+    PrivateMosquitto,
+    SeqDevice,
+    make_settings,
+    unique,
+    wait_subscribed,
+    wait_until,
+)
 
 CAPACITY = 64
 SLOW_BATCH = 10

@@ -20,9 +20,9 @@ from flux.plugins.instance import PluginInstance
 from flux.plugins.manager import encode_batch
 from flux.plugins.manifest import load_manifest
 from flux.plugins.runtime import ModuleCache, PluginRuntime
+from tests.harness import fleet, fleet_messages
 from tests.plugins.conftest import SHIPPED
 from tests.plugins.helpers import event, module, write_plugin
-from tests.support import fleet, fleet_messages
 
 #: The pipeline's batches hold at most this many events per plugin call.
 MAX_BATCH = 256

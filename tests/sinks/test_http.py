@@ -9,9 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import make_settings
-from tests.hook_server import HookServer
-from tests.support import Device, unique, wait_until
+from tests.harness import Device, HookServer, make_settings, unique, wait_until
 
 pytestmark = pytest.mark.slow
 

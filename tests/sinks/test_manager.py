@@ -11,10 +11,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import make_settings
-from tests.faults._harness import metric_value
-from tests.hook_server import HookServer
-from tests.support import Device, unique, wait_until
+from tests.harness import Device, HookServer, make_settings, metric_value, unique, wait_until
 
 pytestmark = pytest.mark.slow
 

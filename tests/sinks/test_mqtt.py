@@ -11,10 +11,16 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import make_settings
-from tests.faults._harness import Db, SeqDevice
-from tests.support import unique, wait_until
-from tests.upstream import Upstream, UpstreamListener, first_arrivals_in_order
+from tests.harness import (
+    Db,
+    SeqDevice,
+    Upstream,
+    UpstreamListener,
+    first_arrivals_in_order,
+    make_settings,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

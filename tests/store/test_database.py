@@ -12,7 +12,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flux.config import DatabaseConfig
 from flux.store.database import create_engine, export_pool_metrics
-from tests.faults._harness import metric_value
+from tests.harness import metric_value
 
 
 def pool_gauges() -> tuple[float | None, float | None]:

@@ -31,9 +31,7 @@ from flux.store.retention import (
 from flux.store.schema import alerts, dead_letters, events, outbox
 from flux.store.sqlite_batch import SqliteTime
 from flux.workers import worker_overrides
-from tests.conftest import make_settings
-from tests.faults._harness import Db, metric_value
-from tests.support import unique, wait_until
+from tests.harness import Db, make_settings, metric_value, unique, wait_until
 
 DAY = 86_400.0
 _serial = count()
