@@ -1,8 +1,9 @@
 """Soak a real gateway process: a steady paced QoS 1 load, resources sampled as it runs.
 
 A benchmark, not a test (issue 5, scenario 11): ``python -m scripts.soak --minutes 10``.
-It starts a private Mosquitto and ``flux run`` (the same set-up as ``scripts/bench.py``:
-generated rules, a shipped plugin, SQLite unless ``--database-url``), publishes ``--rate``
+It starts a private Mosquitto and ``flux run`` (the same set-up as the bench: generated
+rules and a shipped plugin, or with ``--shipped`` the shipped ``config.toml``, ``rules/``
+and ``plugins/``; SQLite unless ``--database-url``), publishes ``--rate``
 QoS 1 messages a second from ``--devices`` simulated devices for ``--minutes``, and every
 ``--sample-s`` seconds records the gateway's RSS and open files (``/proc/PID``), its
 threads and CPU, the asyncio tasks, bus depth and in-flight MQTT messages
@@ -31,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -38,7 +40,7 @@ from scripts.bench.bench import Bench
 from scripts.bench.database import Database
 from scripts.bench.processes import cpu_model
 from scripts.bench.report import versions
-from tests.harness import telemetry
+from tests.harness import fleet
 
 #: Series that must stay flat in a healthy soak (second-half slope per minute, threshold).
 #: Tasks are judged idle before the load against idle after it (see ``main``).
@@ -46,10 +48,12 @@ FLAT = {"rss_mib": 2.0, "open_files": 0.5, "plugin_instances": 0.5}
 
 
 class Load:
-    """Paced QoS 1 publishers (one paho client per device) and their broker PUBACK counts."""
+    """Paced QoS 1 publishers (one paho client per device of a drifting fleet, so the shipped
+    rules match now and then) and their broker PUBACK counts."""
 
     def __init__(self, port: int, devices: int, rate: float) -> None:
         self.rate = rate
+        self.fleet = fleet(devices, 0, interval_s=devices / rate)
         self.sent = 0
         self.acked = 0
         self._lock = threading.Lock()
@@ -81,9 +85,10 @@ class Load:
             if delay > 0:
                 self._stop.wait(delay)  # pacing the stream
                 continue
-            device = seq % len(self.clients)
-            payload = telemetry(seq)
-            self.clients[device].publish(f"devices/soak-{device}/telemetry", payload, qos=1)
+            index = seq % len(self.clients)
+            device = self.fleet[index]
+            payload = orjson.dumps(device.reading())
+            self.clients[index].publish(device.topic, payload, qos=1)
             seq += 1
             self.sent = seq
 
@@ -220,6 +225,11 @@ def main() -> int:
         "--retention-interval-s", type=float, default=0, help="database.retention_interval_s"
     )
     parser.add_argument("--max-size-mb", type=float, default=0, help="database.max_size_mb")
+    parser.add_argument(
+        "--shipped",
+        action="store_true",
+        help="the shipped config.toml, rules/ and plugins/ instead of generated rules",
+    )
     parser.add_argument("--output", default="soak-results.json")
     args = parser.parse_args()
     args.qos = 1
@@ -239,7 +249,12 @@ def main() -> int:
         database: dict[str, Any] = {"max_size_mb": args.max_size_mb}
         if args.retention_interval_s:
             database["retention_interval_s"] = args.retention_interval_s
-        config = bench.config(mqtt={"client_id": "flux-soak"}, database=database)
+        mqtt = {"client_id": "flux-soak"}
+        config = (
+            bench.shipped_config(mqtt=mqtt, database=database)
+            if args.shipped
+            else bench.config(mqtt=mqtt, database=database)
+        )
         with bench.gateway(config) as gateway:
             process = gateway.process
             load = Load(broker.port, args.devices, args.rate)

@@ -175,10 +175,12 @@ class Bench:
             shutil.copytree(ROOT / "plugins" / self.args.plugin, folder / self.args.plugin)
         return folder
 
-    def shipped_config(self, workers: int = 1, *, extra_rules: str = "") -> Path:
+    def shipped_config(
+        self, workers: int = 1, *, extra_rules: str = "", **overrides: dict[str, Any]
+    ) -> Path:
         """The shipped ``config.toml``, ``rules/`` and ``plugins/`` as they are, changed only
         where the bench must: its broker, database, ports and module cache (plus
-        ``extra_rules``, a rule file beside the shipped ones)."""
+        ``extra_rules``, a rule file beside the shipped ones, and ``overrides``)."""
         sections = tomllib.loads((ROOT / "config.toml").read_text())
         rules = ROOT / "rules"
         if extra_rules:
@@ -191,6 +193,7 @@ class Bench:
             base=sections,
             rules={"dir": str(rules)},
             plugins={"dir": str(ROOT / "plugins"), "cache_dir": str(self.workdir / "modules")},
+            **overrides,
         )
 
     def config(
