@@ -22,6 +22,7 @@ from flux import faults
 from flux.events import Event
 from flux.sinks.rows import OutboxRow
 from flux.store.database import json_text, payload_text, utc_datetime
+from flux.store.outbox import outbox_params
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch
 
 INSERT_EVENTS = (
@@ -98,31 +99,13 @@ class PostgresBatchWriter:
             )
             for alert in alerts
         ]
-        outbox_values = [
-            (
-                row.id,
-                row.sink,
-                row.device_id,
-                row.event_id,
-                row.rule_id,
-                row.topic,
-                row.payload,
-                None if row.headers is None else json_text(row.headers),
-                row.timeout_s,
-                row.qos,
-                row.retain,
-                row.hops,
-                created := utc_datetime(row.created_at),
-                created,
-            )
-            for row in outbox
-        ]
-        return rows, summaries, alert_values, outbox_values, list(deletes)
+        outbox_rows = outbox_params(outbox, utc_datetime)
+        return rows, summaries, alert_values, outbox_rows, list(deletes)
 
     async def commit(self, prepared: PreparedBatch) -> None:
         """Insert the events, alerts and outbox rows, upsert the devices and delete the
         delivered outbox rows of ``prepare`` in one transaction; raise SQLAlchemy errors."""
-        rows, summaries, alert_values, outbox_values, deletes = prepared
+        rows, summaries, alert_values, outbox_rows, deletes = prepared
         conn = await self._engine.connect()
         try:
             raw = await conn.get_raw_connection()
@@ -135,8 +118,8 @@ class PostgresBatchWriter:
                         await driver.executemany(UPSERT_DEVICES, summaries)
                     if alert_values:
                         await driver.executemany(INSERT_ALERTS, alert_values)
-                    if outbox_values:
-                        await driver.executemany(INSERT_OUTBOX, outbox_values)
+                    if outbox_rows:
+                        await driver.executemany(INSERT_OUTBOX, outbox_rows)
                     if deletes:
                         await driver.execute(DELETE_OUTBOX, deletes)
                     faults.hit("db_io_error")

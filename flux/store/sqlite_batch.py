@@ -40,6 +40,7 @@ from flux.store.database import (
     payload_text,
     utc_datetime,
 )
+from flux.store.outbox import outbox_params
 
 T = TypeVar("T")
 
@@ -161,26 +162,7 @@ def device_rows(summaries: Sequence[DeviceSummary]) -> list[tuple[Any, ...]]:
 
 def outbox_rows(rows: Sequence[OutboxRow]) -> list[tuple[Any, ...]]:
     """``rows`` as ``INSERT_OUTBOX`` parameters."""
-    sqlite_time = SqliteTime()
-    return [
-        (
-            row.id,
-            row.sink,
-            row.device_id,
-            row.event_id,
-            row.rule_id,
-            row.topic,
-            row.payload,
-            None if row.headers is None else json_text(row.headers),
-            row.timeout_s,
-            row.qos,
-            row.retain,
-            row.hops,
-            created := sqlite_time(row.created_at),
-            created,
-        )
-        for row in rows
-    ]
+    return outbox_params(rows, SqliteTime())
 
 
 def delete_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
