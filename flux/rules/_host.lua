@@ -48,9 +48,25 @@ local function where()
   SITE[1], SITE[2] = false, false
 end
 
+-- WORK[rule] = budget units (instructions and charged C work) spent in that rule this batch:
+-- each hook firing adds its TICK to the rule running then, so a rule's share of the batch's
+-- time can be told although rules run fused. The first firing of a batch comes after a random
+-- part of TICK (PHASE), so a batch of alike events is not always sampled at the same spot.
+local WORK = {}
+local PHASE = {0}
+local m_random = math.random
+
 local function hook()
-  local used = METER[1] + TICK
+  local tick = TICK
+  if PHASE[1] > 0 then
+    tick = PHASE[1]
+    PHASE[1] = 0
+    debug_sethook(hook, "", TICK)
+  end
+  local used = METER[1] + tick
   METER[1] = used
+  local rule = used // METER_SHIFT
+  WORK[rule] = (WORK[rule] or 0) + tick
   local spent = used % METER_SHIFT
   if spent > BUDGET then where(); error(BUDGET_ERR, 0) end
   if spent >= SLOW then
@@ -65,8 +81,11 @@ end
 
 local function charge(units)
   if units > BUDGET then where(); error(BUDGET_ERR, 0) end
-  local used = METER[1] + m_floor(units)
+  units = m_floor(units)
+  local used = METER[1] + units
   METER[1] = used
+  local rule = used // METER_SHIFT
+  WORK[rule] = (WORK[rule] or 0) + units
   if used % METER_SHIFT > BUDGET then where(); error(BUDGET_ERR, 0) end
 end
 
@@ -349,7 +368,7 @@ local function generic_group(functions, masks, first, last, ids, uses_state, is_
       VMT.__index = payload; MSGMT.__index = payload
       V.topic = batch[base + 2]; V.device_id = device; V.received_at = batch[base + 4]
       local mask = masks[batch[base + 5]]
-      POS[1] = i
+      POS[1] = i; METER[1] = 0
       for rule = first, last do
         if mask[rule] then
           METER[1] = rule * METER_SHIFT
@@ -386,7 +405,8 @@ end
 
 -- Returns, per match, its code (event position * RULE_CODE + rule index) and a script's output
 -- table; the failures (6 values each: event position, rule index, kind, message, source, line);
--- per rule, how many when-conditions met an undefined value; the rules quarantined just now.
+-- per rule, how many when-conditions met an undefined value; the rules quarantined just now;
+-- per rule, the budget units it spent (WORK).
 local function run(ruleset, batch, n, used_plans)
   local codes, outputs, failures, undefined, quarantined, last_failed = {}, {}, {}, {}, {}, {}
   local functions, masks, consecutive = ruleset.functions, ruleset.masks, ruleset.consecutive
@@ -427,7 +447,9 @@ local function run(ruleset, batch, n, used_plans)
 
   SERIAL[1] = SERIAL[1] + 1
   METER[1] = 0
-  debug_sethook(hook, "", TICK)
+  WORK = {}
+  PHASE[1] = m_random(1, TICK)
+  debug_sethook(hook, "", PHASE[1])
   local groups = ruleset.groups
   for g = 1, #groups do
     local group = groups[g]
@@ -480,7 +502,8 @@ local function run(ruleset, batch, n, used_plans)
       end
     end
   end
-  return codes, outputs, failures, undefined, quarantined
+  WORK[0] = nil  -- units spent between rules (the event loop itself) are no rule's
+  return codes, outputs, failures, undefined, quarantined, WORK
 end
 
 local function memory_kib() return collectgarbage("count") end

@@ -22,7 +22,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from flux.coalesce import Coalescer
 from flux.config import RulesConfig
-from flux.errors import NotReady
+from flux.errors import NotFound, NotReady
 from flux.events import Event
 from flux.rules import metrics
 from flux.rules.batch import RuleMatch, evaluate
@@ -46,6 +46,7 @@ from flux.rules.sandbox import (
 )
 from flux.rules.stats import RuleStats, RuleStatus
 from flux.rules.testing import RuleTestResult, run_test
+from flux.rules.trace import RuleTraces
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class RuleEngine:
         self._reloads: Coalescer[ReloadReport] = Coalescer()
         self._pending_source: RuleSource | None = None
         self._stats = RuleStats()
+        self._traces = RuleTraces()
 
     @classmethod
     def from_config(
@@ -336,7 +338,22 @@ class RuleEngine:
             return []
         outcome = await self._call(evaluate, ruleset, events)
         self._stats.record(ruleset, outcome)
+        if self._traces:
+            self._traces.record(ruleset, outcome)
         return outcome.matches
+
+    @property
+    def tracing(self) -> bool:
+        """Whether a rule trace is open (and batches are handed to it)."""
+        return bool(self._traces)
+
+    async def trace(self, rule_id: str, count: int, timeout_s: float) -> dict[str, Any]:
+        """Return the next ``count`` evaluations of active rule ``rule_id`` on live traffic
+        (``complete`` false if ``timeout_s`` ran out first); see ``flux.rules.trace``."""
+        _sandbox, _cache, ruleset = self._require()
+        if rule_id not in ruleset.index:
+            raise NotFound(f"no active rule {rule_id!r}", rule_id=rule_id)
+        return await self._traces.trace(rule_id, count, timeout_s)
 
     # ------------------------------------------------------------------ single rules
 

@@ -48,7 +48,7 @@ _HEADER = (
     "__fx_V.topic = __fx_batch[__fx_base + 2]; __fx_V.device_id = __fx_device; "
     "__fx_V.received_at = __fx_batch[__fx_base + 4]",
     "local __fx_mask = __fx_masks[__fx_batch[__fx_base + 5]]",
-    "__fx_POS[1] = __fx_i",
+    "__fx_POS[1] = __fx_i; __fx_meter[1] = 0",
 )
 _FOOTER = ("end", "return __fx_matched", "end")
 
@@ -257,10 +257,11 @@ class Ruleset:
         return True
 
     def _reset_plans(self) -> None:
-        """Forget every plan so they are rebuilt."""
+        """Forget every plan so they are rebuilt (a new ``plan_rules``: the outcome of a batch
+        already evaluated keeps the plans it used)."""
         self._topic_plan.clear()
         self._plans.clear()
-        self.plan_rules.clear()
+        self.plan_rules = {}
         for key in list(self._masks.keys()):
             self._masks[key] = None
 
