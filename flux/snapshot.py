@@ -56,8 +56,15 @@ SAMPLED_FAMILIES = {
         "flux_rule_eval_seconds",
         "flux_plugin_call_seconds",
     ),
+    # A counter by meaning, exposed untyped beside the histogram of the same family name.
+    "untyped": ("flux_rule_eval_seconds_total",),
 }
-_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "untyped": ("",),
+}
 SAMPLED = frozenset(
     family + suffix
     for kind, families in SAMPLED_FAMILIES.items()

@@ -191,9 +191,10 @@ def _store(window: Window, inputs: TuningInputs) -> dict[str, Any]:
 
 
 def _rules(window: Window) -> dict[str, Any]:
-    """Rule cost as a whole, and each rule's evaluations, matches and errors (rules run fused
-    in one Lua call per batch, so ``seconds`` is not split per rule here)."""
+    """Rule cost as a whole, and each rule's evaluations, matches, errors and time (its share
+    of the batches' time, ``flux_rule_eval_seconds_total``), the costliest first."""
     evaluations = window.increase_by("flux_rule_evaluations_total", "rule")
+    rule_seconds = window.increase_by("flux_rule_eval_seconds_total", "rule")
     matches = window.increase_by("flux_rule_matches_total", "rule")
     errors: dict[str, dict[str, int]] = {}
     for rule in set(window.after.by("flux_rule_errors_total", "rule")):
@@ -204,7 +205,12 @@ def _rules(window: Window) -> dict[str, Any]:
     total = sum(evaluations.values())
     ranked = sorted(
         set(evaluations) | set(errors),
-        key=lambda rule: (-sum(errors.get(rule, {}).values()), -evaluations.get(rule, 0), rule),
+        key=lambda rule: (
+            -sum(errors.get(rule, {}).values()),
+            -rule_seconds.get(rule, 0.0),
+            -evaluations.get(rule, 0),
+            rule,
+        ),
     )
     by_rule = [
         {
@@ -212,6 +218,13 @@ def _rules(window: Window) -> dict[str, Any]:
             "evaluations": int(evaluations.get(rule, 0)),
             "matches": int(matches.get(rule, 0)),
             "errors": errors.get(rule, {}),
+            "seconds": _round(rule_seconds.get(rule, 0.0)),
+            "busy": _round(rule_seconds.get(rule, 0.0) / window.seconds),
+            "us_per_evaluation": (
+                _round(rule_seconds.get(rule, 0.0) / evaluations[rule] * 1e6)
+                if evaluations.get(rule)
+                else None
+            ),
         }
         for rule in ranked
     ]
@@ -457,13 +470,19 @@ def _memory_advice(plugins: Mapping[str, Any], inputs: TuningInputs) -> list[dic
     return advice
 
 
+#: A rule whose evaluations take this share of one core is named in the advice.
+EXPENSIVE_RULE_BUSY = 0.10
+
+
 def _rule_advice(rules: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rules stopped at their instruction budget, time or memory limit: the most expensive
-    rules there are (each stopped evaluation cost the whole budget)."""
+    """Rules stopped at their instruction budget, time or memory limit (each stopped
+    evaluation cost the whole budget), and rules that take a large share of a core."""
     advice = []
     for rule in rules["by_rule"]:
         stopped = {k: n for k, n in rule["errors"].items() if k in ("timeout", "memory")}
         if not stopped:
+            if rule["busy"] >= EXPENSIVE_RULE_BUSY:
+                advice.append(_expensive_rule(rule, rules))
             continue
         count = sum(stopped.values())
         advice.append(
@@ -478,6 +497,19 @@ def _rule_advice(rules: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         )
     return advice
+
+
+def _expensive_rule(rule: Mapping[str, Any], rules: Mapping[str, Any]) -> dict[str, Any]:
+    share_of_rules = rule["seconds"] / rules["seconds"] if rules["seconds"] else 1.0
+    return _advice(
+        f"rule.{rule['rule']}",
+        f"{_share(rule['busy'])} of a core, {_num(rule['us_per_evaluation'])} us per "
+        f"evaluation ({rule['evaluations']} evaluations)",
+        "a cheaper condition or script, or a narrower topic filter",
+        f"it takes {_share(share_of_rules)} of the time all rules took "
+        f"({rule['seconds']:g} of {rules['seconds']:g} s), while the pipeline waits for each "
+        "batch's rules before the next",
+    )
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -532,6 +564,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"receipt to commit p50 {_num(store['latency_ms_p50'])} ms, "
         f"p99 {_num(store['latency_ms_p99'])} ms"
     )
+    for rule in rules["by_rule"][:5]:
+        if rule["seconds"]:
+            lines.append(
+                f"rule      {rule['rule']}: busy {_share(rule['busy'])}, "
+                f"{_num(rule['us_per_evaluation'])} us per evaluation, "
+                f"{rule['evaluations']} evaluations, {rule['matches']} matches"
+            )
     for name, plugin in stages["plugins"].items():
         lines.append(
             f"plugin    {name}: {plugin['calls']} calls, busy {_share(plugin['busy'])}, hit "
