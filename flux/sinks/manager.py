@@ -28,7 +28,12 @@ from flux.ingest._gmqtt import MQTTv50
 from flux.metrics import DEGRADED
 from flux.rules import PublishAction, RuleMatch, WebhookAction, publish_message, webhook_request
 from flux.sinks.http import HttpTransport
-from flux.sinks.metrics import SINK_BACKLOG, SINK_BACKLOG_BYTES, SINK_OLDEST_AGE
+from flux.sinks.metrics import (
+    SINK_ALERT_AFTER,
+    SINK_BACKLOG,
+    SINK_BACKLOG_BYTES,
+    SINK_OLDEST_AGE,
+)
 from flux.sinks.mqtt import MqttSession, MqttTransport
 from flux.sinks.outbox import OutboxReader
 from flux.sinks.rows import OutboxRow, TopicTemplate, envelope, new_row_id, template_values
@@ -53,10 +58,14 @@ class Sink(Protocol):
     leased: bool
     backlog_rows: int
     backlog_bytes: int
+    max_bytes: int
     sent: int
 
     @property
     def error(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
 
     @property
     def full(self) -> bool: ...
@@ -317,11 +326,28 @@ class Sinks:
             "oldest_age_s": round(sink.oldest_age_s(), 3),
             "sent": sink.sent,
             "send_rate": round(sink.send_rate(), 1),
+            "max_backlog_bytes": sink.max_bytes,
+            "alert_after_s": self._alert_after_s(name),
             "paused": sink.paused,
             "sending": sink.leased,
             "full": sink.full,
+            "connected": sink.connected,
+            "state": self._state(name, sink),
             "last_error": sink.error,
         }
+
+    def _state(self, name: str, sink: Sink) -> str:
+        """One word for the dashboard: paused, full, failing, behind, sending or standby
+        (another process holds the sink's lease)."""
+        if sink.paused:
+            return "paused"
+        if sink.full:
+            return "full"
+        if sink.error:
+            return "failing"
+        if sink.oldest_age_s() > self._alert_after_s(name):
+            return "behind"
+        return "sending" if sink.leased else "standby"
 
     def pause(self, name: str) -> dict[str, Any]:
         self._get(name).pause()
@@ -363,6 +389,7 @@ class Sinks:
                 SINK_BACKLOG.labels(sink=name).set(sink.backlog_rows)
                 SINK_BACKLOG_BYTES.labels(sink=name).set(sink.backlog_bytes)
                 SINK_OLDEST_AGE.labels(sink=name).set(sink.oldest_age_s())
+                SINK_ALERT_AFTER.labels(sink=name).set(self._alert_after_s(name))
             late = set(self._late())
             if late != self._backlogged:
                 for name in late - self._backlogged:
