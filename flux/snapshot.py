@@ -38,6 +38,9 @@ SAMPLED_FAMILIES = {
         "flux_plugin_pool_exhausted",
         "flux_plugin_executions",
         "flux_plugin_recycles",
+        "flux_sink_sent",
+        "flux_sink_failures",
+        "flux_sink_dropped",
     ),
     "gauge": (
         "flux_eventbus_depth",
@@ -48,6 +51,10 @@ SAMPLED_FAMILIES = {
         "flux_plugin_pool_available",
         "flux_plugin_memory_bytes",
         "flux_degraded",
+        "flux_sink_backlog",
+        "flux_sink_backlog_bytes",
+        "flux_sink_oldest_age_seconds",
+        "flux_sink_connected",
     ),
     "histogram": (
         "flux_db_batch_size",

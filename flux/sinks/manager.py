@@ -10,6 +10,7 @@ Events reach a configured sink when their topic matches its ``topics``, or throu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
@@ -209,9 +210,13 @@ class Sinks:
     async def __aenter__(self) -> Self:
         if self._monitor is not None:
             raise RuntimeError("the sinks are already running")
-        for sink in self._sinks.values():
+        for name, sink in self._sinks.items():
             await sink.__aenter__()
             self._started.append(sink)
+            # Read at each scrape (plain attributes): a snapshot never sees a stale backlog.
+            SINK_BACKLOG.labels(sink=name).set_function(functools.partial(_rows, sink))
+            SINK_BACKLOG_BYTES.labels(sink=name).set_function(functools.partial(_bytes, sink))
+            SINK_ALERT_AFTER.labels(sink=name).set(self._alert_after_s(name))
         DEGRADED.labels(reason="sink_backlog").set(0)
         self._monitor = asyncio.create_task(self._watch(), name="sinks:monitor")
         return self
@@ -382,14 +387,11 @@ class Sinks:
         return {name: age for name, age in ages.items() if age > self._alert_after_s(name)}
 
     async def _watch(self) -> None:
-        """Refresh the backlog gauges and ``flux_degraded{reason="sink_backlog"}``."""
+        """Refresh the oldest rows' ages and ``flux_degraded{reason="sink_backlog"}``."""
         gauge = DEGRADED.labels(reason="sink_backlog")
         while True:
             for name, sink in self._sinks.items():
-                SINK_BACKLOG.labels(sink=name).set(sink.backlog_rows)
-                SINK_BACKLOG_BYTES.labels(sink=name).set(sink.backlog_bytes)
                 SINK_OLDEST_AGE.labels(sink=name).set(sink.oldest_age_s())
-                SINK_ALERT_AFTER.labels(sink=name).set(self._alert_after_s(name))
             late = set(self._late())
             if late != self._backlogged:
                 for name in late - self._backlogged:
@@ -401,6 +403,14 @@ class Sinks:
     def _alert_after_s(self, name: str) -> float:
         route = self._routes.get(name)
         return route.config.alert_after_s if route is not None else BaseSinkConfig().alert_after_s
+
+
+def _rows(sink: Sink) -> float:
+    return sink.backlog_rows
+
+
+def _bytes(sink: Sink) -> float:
+    return sink.backlog_bytes
 
 
 def _transport(name: str, config: MqttSinkConfig | HttpSinkConfig, *, gateway: str) -> Any:

@@ -22,7 +22,7 @@ from flux.config import Settings
 from flux.plugins import PoolExhausted
 from flux.plugins import pool as pool_module
 from flux.tuning import format_report
-from tests.harness import make_settings, unique, wait_until
+from tests.harness import HookServer, free_port, make_settings, unique, wait_until
 from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
 
 TOKEN = "r3port"
@@ -217,6 +217,44 @@ async def test_a_rule_taking_much_of_a_core_is_named_with_its_share(
     assert "of a core" in named["rule.heavy"]["current"]
     assert "of the time all rules took" in named["rule.heavy"]["reason"]
     assert "rule      heavy: busy" in format_report(report)
+
+
+async def test_sinks_behind_name_their_settings(
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Served
+) -> None:
+    """A slow HTTP receiver taking one row per POST, and a receiver that is gone."""
+    receiver = HookServer()
+    receiver.delay_s = 0.02
+    await receiver.start()
+    sinks = {
+        "slow": {"type": "http", "url": receiver.url, "topics": ["devices/#"], "batch_size": 1},
+        "gone": {
+            "type": "http",
+            "url": f"http://127.0.0.1:{free_port()}/ingest",
+            "topics": ["devices/#"],
+            "retry_max_delay_s": 0.5,
+        },
+    }
+    try:
+        settings = settings_for(tmp_path, broker, sinks=sinks)
+        async with served(serve_gateway, settings) as (_gateway, client, _url):
+            await post_events(client, 300)
+            await wait_until(lambda: len(receiver.received) >= 20, timeout=30)
+            named = await advice(client)
+            report = (await client.get("/api/v1/report")).json()
+    finally:
+        await receiver.stop()
+
+    batch = named["sinks.slow.batch_size"]
+    assert (batch["current"], batch["suggested"]) == (1, 4)
+    assert "one POST of at most 1 rows at a time" in batch["reason"]
+    gone = named["sinks.gone.url"]
+    assert gone["current"] == sinks["gone"]["url"]
+    assert "nothing was delivered in the window" in gone["reason"]
+    assert "connect" in gone["reason"]
+    stages = report["stages"]["sinks"]
+    assert stages["slow"]["connected"] and not stages["gone"]["connected"]
+    assert "sinks.local.url" not in named  # the built-in sinks get no advice
 
 
 async def test_batches_of_one_under_a_flood_ask_for_a_larger_batch_size(
