@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,11 +39,13 @@ from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.rules.state import fingerprint
 from flux.sampler import MetricsSampler
 from flux.sinks import Sinks, check_forward_sinks
 from flux.store.database import create_engine, export_pool_metrics
 from flux.store.migrate import upgrade_async
 from flux.store.retention import Retention
+from flux.store.rule_state import load_keys, load_rule_state, purge_stale
 from flux.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,7 @@ class Gateway:
         await self._enter("rules", self.rules)
         await self._check_forwards()
         await self.reload_rules()
+        await self._restore_rule_state()
         self.bus.subscribe(
             PIPELINE_SUBSCRIBER,
             self.pipeline.handle,
@@ -198,6 +202,19 @@ class Gateway:
         await self._enter("sinks", self.sinks)
         await self._enter("mqtt ingest", self.mqtt)
         await self._enter("metrics sampler", self.sampler)
+
+    async def _restore_rule_state(self) -> None:
+        """Read back the rules' stored state (script state, quarantines), dropping what a
+        changed or deleted rule left; later, devices this process has not seen yet are read
+        as they come (another instance may have handled them)."""
+        rows = await load_rule_state(self.engine)
+        used = await self.rules.restore_state(rows)
+        current = {
+            status.id: fingerprint(status.rule) for status in self.rules.rules() if status.rule
+        }
+        purged = await purge_stale(self.engine, current)
+        log.info("rule state: %d rows restored, %d stale rows dropped", used, purged)
+        self.rules.load_state_with(partial(load_keys, self.engine, "script"))
 
     async def _check_forwards(self) -> None:
         """A rule forwarding to a sink that is not configured stops start-up (exit 2)."""
@@ -325,9 +342,7 @@ async def _stage(
 ) -> None:
     """Run one shutdown stage (``work`` returns False on timeout) and log what it left."""
     if not await work(timeout):
-        log.warning(
-            "shutdown stage '%s' timed out after %gs; %s", name, timeout, still_running()
-        )
+        log.warning("shutdown stage '%s' timed out after %gs; %s", name, timeout, still_running())
 
 
 def _running_tasks() -> str:

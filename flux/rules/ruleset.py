@@ -156,6 +156,8 @@ class Ruleset:
         self._masks = sandbox.table({})
         self._consecutive = sandbox.table([0] * len(self.rules))
         self._ids = sandbox.table([state_prefix + rule.id for rule in self.rules])
+        #: Whether a rule keeps per-device ``state`` (its changes are written back).
+        self.stateful = any(rule.uses_state for rule in self.rules)
         self.groups: list[Group] = []
         lua_groups = [self._group(first, fuse, state_prefix) for first in self._group_starts()]
         #: The ruleset as the Lua host's ``run`` takes it.

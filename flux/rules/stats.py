@@ -107,6 +107,12 @@ class RuleStats:
         _set_gauges(ruleset.active_count, len(ruleset.quarantined))
         log.info("rule %s taken out of quarantine", rule_id)
 
+    def restored_quarantine(self, ruleset: Ruleset, rule: Rule) -> None:
+        """Note a quarantine read back from the database (it outlives restarts)."""
+        self._quarantined[rule.id] = rule.compile_key
+        _set_gauges(ruleset.active_count, len(ruleset.quarantined))
+        log.warning("rule %s is still quarantined (since before the restart)", rule.id)
+
     @staticmethod
     def closed() -> None:
         """Note that the engine stopped: no rule is active or quarantined."""
