@@ -40,6 +40,7 @@ from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
 from flux.rules.state import fingerprint
+from flux.rules.sync import RulesetSync
 from flux.sampler import MetricsSampler
 from flux.sinks import Sinks, check_forward_sinks
 from flux.store.database import create_engine, export_pool_metrics
@@ -107,6 +108,7 @@ class Gateway:
             rules, known_plugins=self.plugins.names, known_sinks=self.sinks.names
         )
         self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
+        self.ruleset_sync = RulesetSync(engine=self.engine, reload=self._reload_rules)
         self.pipeline = Pipeline(
             bus=self.bus,
             plugins=self.plugins,
@@ -187,8 +189,9 @@ class Gateway:
         await self._enter("plugins", self.plugins)
         await self._enter("rules", self.rules)
         await self._check_forwards()
-        await self.reload_rules()
+        await self._reload_rules()
         await self._restore_rule_state()
+        await self._enter("rules sync", self.ruleset_sync)
         self.bus.subscribe(
             PIPELINE_SUBSCRIBER,
             self.pipeline.handle,
@@ -214,6 +217,20 @@ class Gateway:
         }
         purged = await purge_stale(self.engine, current)
         log.info("rule state: %d rows restored, %d stale rows dropped", used, purged)
+        group = self.settings.mqtt.shared_group
+        stateful = sorted(
+            status.id for status in self.rules.rules() if status.rule and status.rule.uses_state
+        )
+        if group and stateful:
+            log.warning(
+                "stateful rules (%s) run on a shared subscription ($share/%s/...): a "
+                "device's messages must reach one instance at a time for its state to be "
+                "right; use a broker that shares by client id or topic (EMQX: "
+                "shared_subscription_strategy = hash_clientid or hash_topic). Mosquitto "
+                "hands them out round-robin (see the README, Rules: scale-out)",
+                ", ".join(stateful),
+                group,
+            )
         self.rules.load_state_with(partial(load_keys, self.engine, "script"))
 
     async def _check_forwards(self) -> None:
@@ -290,10 +307,16 @@ class Gateway:
     # -- what the API and operators see -----------------------------------------------------
 
     async def reload_rules(self) -> dict[str, Any]:
-        """Re-read rules from files and the database and swap them in; return the report.
+        """Re-read rules from files and the database and swap them in; return the report;
+        then tell the other instances sharing the database to reload too.
 
         Concurrent calls coalesce (the engine runs one more reload, not one per call).
         """
+        result = await self._reload_rules()
+        await self.ruleset_sync.announce()
+        return result
+
+    async def _reload_rules(self) -> dict[str, Any]:
         report = await self.rules.reload(self.rule_sources.load)
         result = report.to_dict()
         file_errors = [error.to_dict() for error in self.rule_sources.load_errors]
