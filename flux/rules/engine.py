@@ -389,6 +389,8 @@ class RuleEngine:
         """The rule state changed since the last call (script state per device, quarantine):
         the rows to commit with the batch's alerts."""
         changes, self._state_changes = self._state_changes, []
+        for row in changes:
+            metrics.RULE_STATE_WRITES.labels(kind=row.kind).inc()
         return changes
 
     def load_state_with(self, loader: StateLoader) -> None:
@@ -405,12 +407,15 @@ class RuleEngine:
             seen.clear()
         seen.update(unseen)
         if rows:
-            await self._call(self._restore, rows, False)
+            used = await self._call(self._restore, rows, False)
+            metrics.RULE_STATE_LOADED.labels(when="first_sight").inc(used)
 
     async def restore_state(self, rows: Sequence[StateRow]) -> int:
         """Load stored state (at start): script state of matching rules, and quarantines.
         Rows whose rule is gone or changed are ignored; return how many were used."""
-        return await self._call(self._restore, rows, True)
+        used = await self._call(self._restore, rows, True)
+        metrics.RULE_STATE_LOADED.labels(when="start").inc(used)
+        return used
 
     def _restore(self, rows: Sequence[StateRow], quarantines: bool) -> int:
         sandbox, _cache, ruleset = self._require()

@@ -70,6 +70,16 @@ ACTION_EXECUTIONS = Counter(
     "Rule actions run, by action type and result (ok, error, unhandled, loop_cut)",
     ["type", "result"],
 )
+RULE_STATE_WRITES = Counter(
+    "flux_rule_state_writes_total",
+    "Rule state rows handed to the store (script state per device, windows, quarantines)",
+    ["kind"],
+)
+RULE_STATE_LOADED = Counter(
+    "flux_rule_state_loaded_total",
+    "Rule state rows read back: at start, or for a device first seen by this process",
+    ["when"],
+)
 RULE_LOOPS_CUT = Counter(
     "flux_rule_loops_cut_total", "Derived events dropped because their hop count exceeded the max"
 )
@@ -98,6 +108,8 @@ __all__ = [
     "RULE_LOOPS_CUT",
     "RULE_MATCHES",
     "RULE_SECONDS",
+    "RULE_STATE_LOADED",
+    "RULE_STATE_WRITES",
     "RuleSeconds",
     "forget_rule",
 ]

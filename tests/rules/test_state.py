@@ -6,7 +6,7 @@ from __future__ import annotations
 from flux.rules import Rule, RuleEngine
 from flux.rules.state import StateRow, fingerprint
 
-from .conftest import make_event
+from .conftest import make_event, metric
 
 COUNTER = Rule(
     id="st-count",
@@ -16,6 +16,7 @@ COUNTER = Rule(
 
 
 async def test_a_batch_hands_out_the_state_it_changed(engine: RuleEngine) -> None:
+    written = metric("flux_rule_state_writes_total", kind="script")
     await engine.reload([COUNTER, Rule(id="st-plain", topic="devices/+/t", when="true")])
     await engine.evaluate_batch(
         [
@@ -30,6 +31,7 @@ async def test_a_batch_hands_out_the_state_it_changed(engine: RuleEngine) -> Non
         StateRow("st-count", "script", "d2", fingerprint(COUNTER), {"n": 1}),
     ]
     assert engine.take_state_changes() == []  # handed out once
+    assert metric("flux_rule_state_writes_total", kind="script") == written + 2
     await engine.evaluate_batch([make_event({}, "devices/d2/t")])
     assert [row.value for row in engine.take_state_changes()] == [{"n": 2}]
 
@@ -40,9 +42,11 @@ async def test_rows_read_back_continue_the_state_in_a_new_engine() -> None:
         StateRow("st-count", "script", "d9", "0123456789abcdef", {"n": 50}),  # an old rule
         StateRow("st-gone", "script", "d1", "0123456789abcdef", {"n": 7}),
     ]
+    loaded = metric("flux_rule_state_loaded_total", when="start")
     async with RuleEngine() as engine:
         await engine.reload([COUNTER])
         assert await engine.restore_state(stored) == 1
+        assert metric("flux_rule_state_loaded_total", when="start") == loaded + 1
         assert engine.take_state_changes() == []  # reading back is not a change
         matches = await engine.evaluate_batch(
             [make_event({}, "devices/d1/t"), make_event({}, "devices/d9/t")]
