@@ -7,7 +7,6 @@ SQLite file (the version row read twice a second).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import time
@@ -74,8 +73,10 @@ async def rule_created_on_one_is_evaluated_by_the_other(
     db = Db(database_url)
     try:
         async with instances(tmp_path, broker, database_url) as start:
-            first, second = start("a"), start("b")
-            await asyncio.gather(first.wait_ready(), second.wait_ready())
+            first = start("a")
+            await first.wait_ready()  # it migrates the new database; then the other starts
+            second = start("b")
+            await second.wait_ready()
             rule = {
                 "id": unique("synced-"),
                 "topic": "devices/+/telemetry",
@@ -128,8 +129,10 @@ async def device_moves(tmp_path: Path, broker: tuple[str, int], url: str) -> Non
     now = time.time()
     try:
         async with instances(tmp_path, broker, url) as start:
-            first, second = start("a"), start("b")  # both running before the device appears
-            await asyncio.gather(first.wait_ready(), second.wait_ready())
+            first = start("a")
+            await first.wait_ready()
+            second = start("b")  # both running before the device appears
+            await second.wait_ready()
             await post(first, device, {"temperature": 20.0, "ts": now - 60})
             first.signal(signal.SIGTERM)
             assert await first.wait_exit() == 0, first.log()[-3000:]
