@@ -1,4 +1,4 @@
-"""Rules over HTTP: list, CRUD (database rules), enable/disable, test, reload."""
+"""Rules over HTTP: list, CRUD (database rules), enable/disable, test, trace, reload."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ class RuleTestRequest(BaseModel):
     payload: dict[str, Any] = Field(examples=[{"temperature": 31.5, "humidity": 40}])
     topic: str | None = Field(default=None, max_length=1024, examples=["devices/dev-1/telemetry"])
     device_id: str | None = Field(default=None, max_length=255)
+
+
+class RuleTraceRequest(BaseModel):
+    count: int = Field(default=20, ge=1, le=1000, description="evaluations to collect")
+    timeout_s: float = Field(
+        default=30, gt=0, le=300, description="return what came by then (complete: false)"
+    )
 
 
 def _status(engine: RuleEngine, rule_id: str) -> dict[str, Any]:
@@ -146,6 +153,22 @@ async def test_rule(
         raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
     result = await engine.test_rule(rule, body.payload, body.topic, device_id=body.device_id)
     return result.to_dict()
+
+
+@router.post(
+    "/rules/{rule_id}/trace",
+    responses={
+        404: {"description": "no active rule of that id"},
+        409: {"description": "too many traces running"},
+    },
+)
+async def trace_rule(
+    engine: Rules, rule_id: RuleId, body: RuleTraceRequest | None = None
+) -> dict[str, Any]:
+    """The next ``count`` evaluations of a rule on live traffic: input, result, output,
+    time and error of each, read from the batches the gateway evaluates anyway."""
+    request = body or RuleTraceRequest()
+    return await engine.trace(rule_id, request.count, request.timeout_s)
 
 
 @router.post("/rules/reload")
