@@ -7,6 +7,7 @@ SQLite file (the version row read twice a second).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -73,10 +74,9 @@ async def rule_created_on_one_is_evaluated_by_the_other(
     db = Db(database_url)
     try:
         async with instances(tmp_path, broker, database_url) as start:
-            first = start("a")
-            await first.wait_ready()  # it migrates the new database; then the other starts
-            second = start("b")
-            await second.wait_ready()
+            # Both start at once on a new database: one migrates it, the other waits for it.
+            first, second = start("a"), start("b")
+            await asyncio.gather(first.wait_ready(), second.wait_ready())
             rule = {
                 "id": unique("synced-"),
                 "topic": "devices/+/telemetry",
