@@ -123,11 +123,12 @@ def hit_rate() -> Stat:
     )
 
 
-def mqtt_connected() -> Stat:
+def up_down(title: str, description: str, expr: str, legend: str, down: str, up: str) -> Stat:
+    """A stat per series of a 0/1 gauge: red ``down`` text at 0, green ``up`` at 1."""
     return (
         Stat()
-        .title("MQTT connected")
-        .description("1 while the gateway has its session with the broker (MqttDisconnected).")
+        .title(title)
+        .description(description)
         .datasource(DATASOURCE)
         .span(8)
         .height(8)
@@ -138,8 +139,8 @@ def mqtt_connected() -> Stat:
             [
                 ValueMap(
                     options={
-                        "0": ValueMappingResult(text="disconnected", color="red"),
-                        "1": ValueMappingResult(text="connected", color="green"),
+                        "0": ValueMappingResult(text=down, color="red"),
+                        "1": ValueMappingResult(text=up, color="green"),
                     }
                 )
             ]
@@ -149,9 +150,18 @@ def mqtt_connected() -> Stat:
             .mode(ThresholdsMode.ABSOLUTE)
             .steps([Threshold(value=None, color="red"), Threshold(value=1, color="green")])
         )
-        .with_target(
-            query(f"min by (instance) (flux_mqtt_connected{{{INST}}})", "{{instance}}", "A")
-        )
+        .with_target(query(expr, legend, "A"))
+    )
+
+
+def mqtt_connected() -> Stat:
+    return up_down(
+        "MQTT connected",
+        "1 while the gateway has its session with the broker (MqttDisconnected).",
+        f"min by (instance) (flux_mqtt_connected{{{INST}}})",
+        "{{instance}}",
+        "disconnected",
+        "connected",
     )
 
 
@@ -408,33 +418,14 @@ def store_row() -> Section:
 
 
 def sink_connected() -> Stat:
-    return (
-        Stat()
-        .title("Sinks connected")
-        .description("1 while a sink reaches its receiver (its last send worked).")
-        .datasource(DATASOURCE)
-        .span(6)
-        .height(8)
-        .color_mode(BigValueColorMode.BACKGROUND)
-        .graph_mode(BigValueGraphMode.NONE)
-        .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
-        .mappings(
-            [
-                ValueMap(
-                    options={
-                        "0": ValueMappingResult(text="down", color="red"),
-                        "1": ValueMappingResult(text="up", color="green"),
-                    }
-                )
-            ]
-        )
-        .thresholds(
-            ThresholdsConfig()
-            .mode(ThresholdsMode.ABSOLUTE)
-            .steps([Threshold(value=None, color="red"), Threshold(value=1, color="green")])
-        )
-        .with_target(query(f"min by (sink) (flux_sink_connected{{{INST}}})", "{{sink}}", "A"))
-    )
+    return up_down(
+        "Sinks connected",
+        "1 while a sink reaches its receiver (its last send worked).",
+        f"min by (sink) (flux_sink_connected{{{INST}}})",
+        "{{sink}}",
+        "down",
+        "up",
+    ).span(6)
 
 
 def sinks_row() -> Section:

@@ -14,6 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from flux.rules.state import StateKind, StateRow
 from flux.store.schema import rule_state
 
+_SELECT = select(
+    rule_state.c.rule_id,
+    rule_state.c.kind,
+    rule_state.c.key,
+    rule_state.c.fingerprint,
+    rule_state.c.value,
+)
+
 
 def _row(record: Any) -> StateRow:
     return StateRow(record[0], record[1], record[2], record[3], record[4])
@@ -21,27 +29,14 @@ def _row(record: Any) -> StateRow:
 
 async def load_rule_state(engine: AsyncEngine) -> list[StateRow]:
     """Every row of ``rule_state``."""
-    query = select(
-        rule_state.c.rule_id,
-        rule_state.c.kind,
-        rule_state.c.key,
-        rule_state.c.fingerprint,
-        rule_state.c.value,
-    )
     async with engine.connect() as conn:
-        return [_row(record) for record in await conn.execute(query)]
+        return [_row(record) for record in await conn.execute(_SELECT)]
 
 
 async def load_keys(engine: AsyncEngine, kind: StateKind, keys: Collection[str]) -> list[StateRow]:
     """The rows of ``kind`` for ``keys`` (the devices a batch brings that this process has
     not seen: another instance may have handled them)."""
-    query = select(
-        rule_state.c.rule_id,
-        rule_state.c.kind,
-        rule_state.c.key,
-        rule_state.c.fingerprint,
-        rule_state.c.value,
-    ).where(rule_state.c.kind == kind, rule_state.c.key.in_(list(keys)))
+    query = _SELECT.where(rule_state.c.kind == kind, rule_state.c.key.in_(list(keys)))
     async with engine.connect() as conn:
         return [_row(record) for record in await conn.execute(query)]
 
