@@ -4,6 +4,10 @@ Three kinds of state belong to a rule: a script rule's per-device ``state`` tabl
 rule's open windows per group, and the rule's quarantine. Each travels as ``StateRow``s:
 the engine hands out the rows a batch changed, they ride on the store's transaction with
 that batch's alerts, and at start (or on a device's first message) they are read back.
+
+Window rows are stored packed: one ``windows`` row per group key holding the open windows
+of every window rule for that key (``pack_windows``), so a batch writes one row per group
+it touched rather than one per rule and group.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import orjson
 if TYPE_CHECKING:
     from flux.rules.model import Rule
 
-StateKind = Literal["script", "window", "quarantine"]
+StateKind = Literal["script", "window", "windows", "quarantine"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,4 +63,49 @@ def state_params(
     return upserts, deletes
 
 
-__all__ = ["StateKind", "StateRow", "fingerprint", "state_params"]
+#: The ``rule_id`` of packed window rows (no rule has an empty id).
+PACKED = ""
+
+
+def pack_windows(
+    changed: Sequence[StateRow], current: Callable[[str], Sequence[StateRow]]
+) -> list[StateRow]:
+    """One ``windows`` row per group key among ``changed`` (per-rule ``window`` rows),
+    holding every window rule's open windows for that key as ``current(key)`` gives them
+    (``None`` once no rule has one)."""
+    packed = []
+    for key in dict.fromkeys(row.key for row in changed):
+        rules = {
+            row.rule_id: {"fingerprint": row.fingerprint, "value": row.value}
+            for row in current(key)
+            if row.value is not None
+        }
+        packed.append(StateRow(PACKED, "windows", key, "", rules or None))
+    return packed
+
+
+def unpack_windows(rows: Sequence[StateRow]) -> list[StateRow]:
+    """The per-rule ``window`` rows inside packed ``windows`` rows (others pass through)."""
+    unpacked: list[StateRow] = []
+    for row in rows:
+        if row.kind != "windows":
+            unpacked.append(row)
+            continue
+        for rule_id, entry in (row.value or {}).items():
+            if isinstance(entry, dict):
+                value = entry.get("value")
+                unpacked.append(
+                    StateRow(rule_id, "window", row.key, str(entry.get("fingerprint")), value)
+                )
+    return unpacked
+
+
+__all__ = [
+    "PACKED",
+    "StateKind",
+    "StateRow",
+    "fingerprint",
+    "pack_windows",
+    "state_params",
+    "unpack_windows",
+]

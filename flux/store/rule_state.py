@@ -85,7 +85,8 @@ async def purge_stale(engine: AsyncEngine, current: dict[str, str]) -> int:
     """Delete the rows whose rule is gone or whose fingerprint is not its rule's any more
     (``current``: rule id -> fingerprint); return how many."""
     stale = or_(
-        rule_state.c.rule_id.not_in(list(current)),
+        # Packed window rows hold several rules: their parts are checked as they are read.
+        and_(rule_state.c.rule_id.not_in(list(current)), rule_state.c.kind != "windows"),
         *(
             and_(rule_state.c.rule_id == rule_id, rule_state.c.fingerprint != fingerprint)
             for rule_id, fingerprint in current.items()

@@ -4,7 +4,7 @@ rows read back continue the state; a changed rule starts afresh."""
 from __future__ import annotations
 
 from flux.rules import Rule, RuleEngine
-from flux.rules.state import StateRow, fingerprint
+from flux.rules.state import StateRow, fingerprint, pack_windows, unpack_windows
 
 from .conftest import make_event, metric
 
@@ -118,3 +118,23 @@ async def test_a_rule_test_leaves_no_state_to_write(engine: RuleEngine) -> None:
     assert result.matched and result.output == {"n": 6}
     await engine.evaluate_batch([make_event({}, "devices/d1/t")])
     assert [(row.key, row.value) for row in engine.take_state_changes()] == [("d1", {"n": 1})]
+
+
+def test_window_rows_pack_by_group_key_and_unpack_again() -> None:
+    changed = [
+        StateRow("w1", "window", "d1", "f1", {"windows": [[0, 60, 3]]}),
+        StateRow("w2", "window", "d1", "f2", {"windows": [[0, 60, 4]]}),
+        StateRow("w1", "window", "d2", "f1", None),
+    ]
+    current = {
+        "d1": [changed[0], changed[1], StateRow("w3", "window", "d1", "f3", {"windows": []})],
+        "d2": [changed[2]],
+    }
+    packed = pack_windows(changed, lambda key: current[key])
+    assert [(row.rule_id, row.kind, row.key) for row in packed] == [
+        ("", "windows", "d1"),
+        ("", "windows", "d2"),
+    ]
+    assert packed[1].value is None  # no rule has an open window for d2: the row goes
+    unpacked = unpack_windows([*packed, changed[0]])
+    assert unpacked == [*current["d1"], changed[0]]
