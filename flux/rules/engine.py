@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -377,22 +378,20 @@ class RuleEngine:
         changes: list[StateRow] = []
         if ruleset.stateful:
             versions = self._versions
+            prints = ruleset.fingerprints
             for change in ruleset.sandbox.host.take_state_changes().values():
                 rule_id, device, data = change[1], change[2], change[3]
-                rule_index = ruleset.index.get(rule_id)
-                if rule_index is None:
+                stamp = prints.get(rule_id)
+                if stamp is None:
                     continue
-                rule = ruleset.rules[rule_index - 1]
                 if not data:  # evicted from memory; with other instances it may be theirs now
                     versions.pop((rule_id, device), None)
                     if not self._every_batch:
-                        changes.append(StateRow(rule_id, "script", device, fingerprint(rule), None))
+                        changes.append(StateRow(rule_id, "script", device, stamp, None))
                     continue
                 version = versions[rule_id, device] = versions.get((rule_id, device), 0) + 1
-                row = StateRow(
-                    rule_id, "script", device, fingerprint(rule), state_value(data.items()), version
-                )
-                changes.append(row)
+                value = state_value(data.items())
+                changes.append(StateRow(rule_id, "script", device, stamp, value, version))
         for rule_index in outcome.quarantined:
             rule = ruleset.rules[rule_index - 1]
             at = {"at": time.time()}
@@ -403,8 +402,10 @@ class RuleEngine:
         """The rule state changed since the last call (script state per device, quarantine):
         the rows to commit with the batch's alerts."""
         changes, self._state_changes = self._state_changes, []
-        for row in changes:
-            metrics.RULE_STATE_WRITES.labels(kind=row.kind).inc()
+        if changes:
+            kinds = Counter(row.kind for row in changes)
+            for kind, count in kinds.items():
+                metrics.RULE_STATE_WRITES.labels(kind=kind).inc(count)
         return changes
 
     def load_state_with(self, loader: StateLoader, *, every_batch: bool = False) -> None:

@@ -285,8 +285,7 @@ class SqliteBatchWriter:
             insert_rows(conn, INSERT_ALERTS, alerts)
             insert_rows(conn, INSERT_OUTBOX, outbox)
             delete_rows(conn, deletes)
-            if state:
-                conn.executemany(UPSERT_RULE_STATE, state)
+            insert_rows(conn, UPSERT_RULE_STATE, state)
             if state_deletes:
                 conn.executemany(DELETE_RULE_STATE, state_deletes)
             faults.hit("db_io_error")
