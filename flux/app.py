@@ -208,8 +208,8 @@ class Gateway:
 
     async def _restore_rule_state(self) -> None:
         """Read back the rules' stored state (script state, quarantines), dropping what a
-        changed or deleted rule left; later, devices this process has not seen yet are read
-        as they come (another instance may have handled them)."""
+        changed or deleted rule left; later, the devices of each batch are read as they come
+        (another instance may have handled them)."""
         rows = await load_rule_state(self.engine)
         used = await self.rules.restore_state(rows)
         current = {
@@ -231,7 +231,11 @@ class Gateway:
                 ", ".join(stateful),
                 group,
             )
-        self.rules.load_state_with(partial(load_keys, self.engine, "script"))
+        # Devices shared with other instances (a shared subscription; several hosts on one
+        # PostgreSQL) are read back every batch: another instance may have written their
+        # state since this one last held it.
+        shared = bool(group) or self.engine.dialect.name == "postgresql"
+        self.rules.load_state_with(partial(load_keys, self.engine, "script"), every_batch=shared)
 
     async def _check_forwards(self) -> None:
         """A rule forwarding to a sink that is not configured stops start-up (exit 2)."""

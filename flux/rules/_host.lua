@@ -350,6 +350,15 @@ local function seed_state(rule_id, device, values)
   DIRTY[st] = nil
 end
 
+-- Replace a device's state with stored values another instance wrote since (its old keys
+-- go), without marking it changed.
+local function replace_state(rule_id, device, values)
+  local st = state_for(rule_id, device)
+  for key in pairs(st) do st[key] = nil end
+  for key, value in next, values do st[key] = value end
+  DIRTY[st] = nil
+end
+
 -- Whether this host holds ``device``'s state for ``rule_id`` (one seen or loaded).
 local function has_state(rule_id, device)
   local s = STATES[rule_id]
@@ -358,13 +367,22 @@ end
 
 -- The state changed since the last call, as a list of {rule id, device, data} (data false
 -- for an evicted device), and forget it. Rule tests' states (ids from "\0") are left out.
+-- A string that is not UTF-8 cannot cross to Python (nor be JSON): its bytes above 127
+-- become U+FFFD (valid strings are left alone).
+local function utf8_safe(value)
+  if type(value) == "string" and u_len(value) == nil then
+    return (s_gsub(value, "[\128-\255]", "\239\191\189"))
+  end
+  return value
+end
+
 local function take_state_changes()
   local changes = {}
   for st in next, DIRTY do
     local owner = OWNER[st]
     if owner ~= nil and s_byte(owner[1], 1) ~= 0 then
       local copy = {}
-      for key, value in next, owner[3] do copy[key] = value end
+      for key, value in next, owner[3] do copy[utf8_safe(key)] = utf8_safe(value) end
       changes[#changes + 1] = {owner[1], owner[2], copy}
     end
   end
@@ -556,6 +574,7 @@ return {
   compile = compile, instantiate = instantiate, generic_group = generic_group, run = run,
   prune_states = prune_states, state_devices = state_devices, state_for = state_for,
   drop_state = drop_state, seed_state = seed_state, has_state = has_state,
+  replace_state = replace_state,
   take_state_changes = take_state_changes,
   memory_kib = memory_kib, full_gc = full_gc,
 }

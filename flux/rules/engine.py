@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,9 +43,10 @@ from flux.rules.sandbox import (
     DEFAULT_MAX_STATE_KEYS,
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIME_LIMIT_S,
+    LuaError,
     LuaSandbox,
 )
-from flux.rules.state import StateRow, fingerprint
+from flux.rules.state import StateRow, fingerprint, state_entries, state_value
 from flux.rules.stats import RuleStats, RuleStatus
 from flux.rules.testing import RuleTestResult, run_test
 from flux.rules.trace import RuleTraces
@@ -55,8 +57,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 RuleSource = Iterable[Rule] | Callable[[], Awaitable[Iterable[Rule]]]
-#: Reads the script state of devices this process has not seen (another instance may have
-#: handled them): device ids -> their rows.
+#: Reads the stored script state of devices (another instance may have handled them):
+#: device ids -> their rows.
 StateLoader = Callable[[Collection[str]], Awaitable[list[StateRow]]]
 #: Devices remembered as looked up; past this the memory starts again (a lookup costs one
 #: query, and never overwrites a device's state held in memory).
@@ -180,6 +182,9 @@ class RuleEngine:
         self._traces = RuleTraces()
         self._state_loader: StateLoader | None = None
         self._seen_devices: set[str] = set()
+        self._every_batch = False
+        #: (rule id, device) -> version of the script state this process holds.
+        self._versions: dict[tuple[str, str], int] = {}
         self._state_changes: list[StateRow] = []
         self._fingerprints: dict[str, str] = {}
 
@@ -372,13 +377,21 @@ class RuleEngine:
         outcome = evaluate(ruleset, events)
         changes: list[StateRow] = []
         if ruleset.stateful:
+            versions = self._versions
+            prints = ruleset.fingerprints
             for change in ruleset.sandbox.host.take_state_changes().values():
                 rule_id, device, data = change[1], change[2], change[3]
-                rule_index = ruleset.index.get(rule_id)
-                if rule_index is not None:
-                    rule = ruleset.rules[rule_index - 1]
-                    value = dict(data.items()) if data else None
-                    changes.append(StateRow(rule_id, "script", device, fingerprint(rule), value))
+                stamp = prints.get(rule_id)
+                if stamp is None:
+                    continue
+                if not data:  # evicted from memory; with other instances it may be theirs now
+                    versions.pop((rule_id, device), None)
+                    if not self._every_batch:
+                        changes.append(StateRow(rule_id, "script", device, stamp, None))
+                    continue
+                version = versions[rule_id, device] = versions.get((rule_id, device), 0) + 1
+                value = state_value(data.items())
+                changes.append(StateRow(rule_id, "script", device, stamp, value, version))
         for rule_index in outcome.quarantined:
             rule = ruleset.rules[rule_index - 1]
             at = {"at": time.time()}
@@ -389,15 +402,24 @@ class RuleEngine:
         """The rule state changed since the last call (script state per device, quarantine):
         the rows to commit with the batch's alerts."""
         changes, self._state_changes = self._state_changes, []
-        for row in changes:
-            metrics.RULE_STATE_WRITES.labels(kind=row.kind).inc()
+        if changes:
+            kinds = Counter(row.kind for row in changes)
+            for kind, count in kinds.items():
+                metrics.RULE_STATE_WRITES.labels(kind=kind).inc(count)
         return changes
 
-    def load_state_with(self, loader: StateLoader) -> None:
-        """Read the state of devices first seen here through ``loader`` before their batch."""
+    def load_state_with(self, loader: StateLoader, *, every_batch: bool = False) -> None:
+        """Read the stored state of devices first seen here through ``loader`` before their
+        batch; with ``every_batch`` (instances share devices) read every batch's devices
+        and take what another instance wrote since (a newer version) over what this one
+        holds, and let a device evicted from memory keep its row."""
         self._state_loader = loader
+        self._every_batch = every_batch
 
     async def _load_unseen(self, events: Sequence[Event]) -> None:
+        if self._every_batch:
+            await self._load_newer(events)
+            return
         seen = self._seen_devices
         unseen = {e.device_id for e in events if e.device_id is not None} - seen
         if not unseen or self._state_loader is None:
@@ -410,6 +432,22 @@ class RuleEngine:
             used = await self._call(self._restore, rows, False)
             metrics.RULE_STATE_LOADED.labels(when="first_sight").inc(used)
 
+    async def _load_newer(self, events: Sequence[Event]) -> None:
+        """Replace the state of the batch's devices that another instance wrote since."""
+        assert self._state_loader is not None
+        devices = {e.device_id for e in events if e.device_id is not None}
+        if not devices:
+            return
+        versions = self._versions
+        newer = [
+            row
+            for row in await self._state_loader(devices)
+            if row.version > versions.get((row.rule_id, row.key), 0)
+        ]
+        if newer:
+            used = await self._call(self._restore, newer, False, True)
+            metrics.RULE_STATE_LOADED.labels(when="newer").inc(used)
+
     async def restore_state(self, rows: Sequence[StateRow]) -> int:
         """Load stored state (at start): script state of matching rules, and quarantines.
         Rows whose rule is gone or changed are ignored; return how many were used."""
@@ -417,7 +455,9 @@ class RuleEngine:
         metrics.RULE_STATE_LOADED.labels(when="start").inc(used)
         return used
 
-    def _restore(self, rows: Sequence[StateRow], quarantines: bool) -> int:
+    def _restore(self, rows: Sequence[StateRow], quarantines: bool, replace: bool = False) -> int:
+        """Put stored rows into the ruleset: script state (over what is held with
+        ``replace``, else only where nothing is), and quarantines."""
         sandbox, _cache, ruleset = self._require()
         used = 0
         for row in rows:
@@ -427,8 +467,19 @@ class RuleEngine:
             rule = ruleset.rules[rule_index - 1]
             if row.fingerprint != fingerprint(rule):
                 continue
-            if row.kind == "script" and not sandbox.host.has_state(row.rule_id, row.key):
-                sandbox.host.seed_state(row.rule_id, row.key, sandbox.table(row.value))
+            if row.kind == "script":
+                if not replace and sandbox.host.has_state(row.rule_id, row.key):
+                    continue
+                entries = sandbox.table(state_entries(row.value))
+                load = sandbox.host.replace_state if replace else sandbox.host.seed_state
+                try:
+                    load(row.rule_id, row.key, entries)
+                except LuaError as exc:  # beyond the state's limits now: left out
+                    log.warning(
+                        "stored state of rule %s for %r left out: %s", rule.id, row.key, exc
+                    )
+                    continue
+                self._versions[row.rule_id, row.key] = row.version
                 used += 1
             elif row.kind == "quarantine" and quarantines:
                 if rule_index not in ruleset.quarantined:

@@ -18,6 +18,7 @@ from typing import Any
 from flux.rules.compiler import CompiledRule, locate
 from flux.rules.model import Rule
 from flux.rules.sandbox import METER_SHIFT, RULE_CODE, LuaSandbox
+from flux.rules.state import fingerprint
 from flux.topics import TopicMatcher
 
 #: Rules inlined in one generated Lua function.
@@ -158,6 +159,8 @@ class Ruleset:
         self._ids = sandbox.table([state_prefix + rule.id for rule in self.rules])
         #: Whether a rule keeps per-device ``state`` (its changes are written back).
         self.stateful = any(rule.uses_state for rule in self.rules)
+        #: Rule id -> what its state depends on (``flux.rules.state.fingerprint``).
+        self.fingerprints = {rule.id: fingerprint(rule) for rule in self.rules}
         self.groups: list[Group] = []
         lua_groups = [self._group(first, fuse, state_prefix) for first in self._group_starts()]
         #: The ruleset as the Lua host's ``run`` takes it.

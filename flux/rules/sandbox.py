@@ -30,6 +30,9 @@ from typing import Any, ClassVar
 
 import lupa.lua54 as lua54
 
+#: What a host function raises when Lua refuses (for example a ``state`` beyond its limits).
+LuaError = lua54.LuaError
+
 #: Instructions between two count-hook calls (the budget's granularity).
 DEFAULT_TICK = 1000
 DEFAULT_INSTRUCTION_BUDGET = 1_000_000
@@ -134,5 +137,6 @@ __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "METER_SHIFT",
     "RULE_CODE",
+    "LuaError",
     "LuaSandbox",
 ]

@@ -13,7 +13,7 @@ it touched rather than one per rule and group.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,14 +31,17 @@ class StateRow:
 
     ``fingerprint`` names what the state depends on (the rule's condition, script or
     window); state whose fingerprint no longer matches its rule is dropped on load.
-    ``value`` is JSON-able; ``None`` deletes the row.
+    ``value`` is JSON-able (a script's table: ``state_value``); ``None`` deletes the row.
+    ``version`` goes up with every write of a key (0: not counted), so an instance can tell
+    that another one wrote the key since it last read or wrote it.
     """
 
     rule_id: str
     kind: StateKind
     key: str
     fingerprint: str
-    value: dict[str, Any] | None
+    value: dict[str, Any] | list[Any] | None
+    version: int = 0
 
 
 def fingerprint(rule: Rule) -> str:
@@ -47,15 +50,41 @@ def fingerprint(rule: Rule) -> str:
     return rule.compile_key[2]
 
 
+def state_value(items: Iterable[tuple[Any, Any]]) -> dict[str, Any] | list[Any]:
+    """A script's ``state`` table as a JSON value: an object when every key is a string
+    (the usual case), else a list of ``[key, value]`` pairs (``state[1] = ...``: JSON
+    objects have string keys only)."""
+    pairs = list(items)
+    if all(isinstance(key, str) for key, _ in pairs):
+        return dict(pairs)
+    return [[key, value] for key, value in pairs]
+
+
+def state_entries(value: dict[str, Any] | list[Any]) -> dict[Any, Any]:
+    """The entries ``state_value`` stored, for a Lua table."""
+    if isinstance(value, dict):
+        return value
+    return {key: item for key, item in value}
+
+
 def state_params(
     rows: Sequence[StateRow], stamp: Callable[[float], Any]
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """``rows`` as the drivers' parameters: (rule id, kind, key, fingerprint, JSON text,
-    updated at) to upsert, (rule id, kind, key) to delete; the last change of a key wins."""
+    version, updated at) to upsert, (rule id, kind, key) to delete; the last change of a key
+    wins."""
     latest = {(row.rule_id, row.kind, row.key): row for row in rows}
     now = stamp(time.time())
     upserts = [
-        (row.rule_id, row.kind, row.key, row.fingerprint, orjson.dumps(row.value).decode(), now)
+        (
+            row.rule_id,
+            row.kind,
+            row.key,
+            row.fingerprint,
+            orjson.dumps(row.value).decode(),
+            row.version,
+            now,
+        )
         for row in latest.values()
         if row.value is not None
     ]
@@ -91,7 +120,8 @@ def unpack_windows(rows: Sequence[StateRow]) -> list[StateRow]:
         if row.kind != "windows":
             unpacked.append(row)
             continue
-        for rule_id, entry in (row.value or {}).items():
+        packed = row.value if isinstance(row.value, dict) else {}
+        for rule_id, entry in packed.items():
             if isinstance(entry, dict):
                 value = entry.get("value")
                 unpacked.append(
@@ -106,6 +136,8 @@ __all__ = [
     "StateRow",
     "fingerprint",
     "pack_windows",
+    "state_entries",
     "state_params",
+    "state_value",
     "unpack_windows",
 ]

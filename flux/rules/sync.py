@@ -3,8 +3,9 @@
 A change to the rules (an API write, a reload) bumps the one row of ``ruleset_version``;
 every gateway watches it and reloads when it moved. On SQLite each instance reads it about
 twice a second. On PostgreSQL the bump also sends ``NOTIFY flux_rules`` in its transaction
-and each instance LISTENs, so the others reload at once; the read every few seconds stays
-as a safety net (a notification lost with a dropped connection).
+and each instance LISTENs (``flux.store._pg_listen``: a lost listening connection is
+opened again), so the others reload at once; the read every few seconds stays as a safety
+net.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux.retry import Backoff
+from flux.store._pg_listen import PgListener
 from flux.store.database import writer_connection
 from flux.store.schema import ruleset_version
 
@@ -41,12 +43,12 @@ class RulesetSync:
         self._seen = 0
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._listener: AsyncConnection | None = None
+        self._listener = PgListener(engine, CHANNEL, self._notified) if self._postgres else None
 
     async def __aenter__(self) -> Self:
         self._seen = await self._read()
-        if self._postgres:
-            await self._listen()
+        if self._listener is not None:
+            await self._listener.__aenter__()
         self._task = asyncio.create_task(self._watch(), name="rules:sync")
         return self
 
@@ -55,10 +57,18 @@ class RulesetSync:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(Exception):
-                await listener.close()
+        if self._listener is not None:
+            await self._listener.__aexit__(None, None, None)
+
+    @property
+    def listening(self) -> bool:
+        """Whether notifications arrive now (PostgreSQL)."""
+        return self._listener is not None and self._listener.listening.is_set()
+
+    async def wait_listening(self) -> None:
+        """Return once notifications arrive (PostgreSQL), at once otherwise."""
+        if self._listener is not None:
+            await self._listener.listening.wait()
 
     async def announce(self) -> None:
         """Tell the other instances the rules changed (this one has reloaded already)."""
@@ -83,12 +93,6 @@ class RulesetSync:
         async with self._engine.connect() as conn:
             query = select(ruleset_version.c.version).where(ruleset_version.c.id == 1)
             return int((await conn.execute(query)).scalar_one_or_none() or 0)
-
-    async def _listen(self) -> None:
-        conn = await self._engine.connect()
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.add_listener(CHANNEL, self._notified)  # type: ignore[union-attr]
-        self._listener = conn
 
     def _notified(self, *_args: object) -> None:
         self._changed.set()

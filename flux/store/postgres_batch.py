@@ -52,9 +52,10 @@ INSERT_OUTBOX = (
 )
 DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ANY($1::varchar[])"
 UPSERT_RULE_STATE = (
-    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, updated_at) "
-    "VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
-    "fingerprint = excluded.fingerprint, value = excluded.value, updated_at = excluded.updated_at"
+    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, version, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, value = excluded.value, version = excluded.version, "
+    "updated_at = excluded.updated_at"
 )
 DELETE_RULE_STATE = "DELETE FROM rule_state WHERE rule_id = $1 AND kind = $2 AND key = $3"
 #: SQLSTATE classes meaning "the database is away", not "the data is wrong".

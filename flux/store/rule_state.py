@@ -20,11 +20,12 @@ _SELECT = select(
     rule_state.c.key,
     rule_state.c.fingerprint,
     rule_state.c.value,
+    rule_state.c.version,
 )
 
 
 def _row(record: Any) -> StateRow:
-    return StateRow(record[0], record[1], record[2], record[3], record[4])
+    return StateRow(record[0], record[1], record[2], record[3], record[4], int(record[5]))
 
 
 async def load_rule_state(engine: AsyncEngine) -> list[StateRow]:
@@ -34,8 +35,8 @@ async def load_rule_state(engine: AsyncEngine) -> list[StateRow]:
 
 
 async def load_keys(engine: AsyncEngine, kind: StateKind, keys: Collection[str]) -> list[StateRow]:
-    """The rows of ``kind`` for ``keys`` (the devices a batch brings that this process has
-    not seen: another instance may have handled them)."""
+    """The rows of ``kind`` for ``keys`` (a batch's devices another instance may have
+    handled)."""
     query = _SELECT.where(rule_state.c.kind == kind, rule_state.c.key.in_(list(keys)))
     async with engine.connect() as conn:
         return [_row(record) for record in await conn.execute(query)]
@@ -64,6 +65,7 @@ async def write_rule_state(conn: AsyncConnection, rows: Sequence[StateRow]) -> N
                     "key": row.key,
                     "fingerprint": row.fingerprint,
                     "value": row.value,
+                    "version": row.version,
                     "updated_at": now,
                 }
                 for row in kept
@@ -75,6 +77,7 @@ async def write_rule_state(conn: AsyncConnection, rows: Sequence[StateRow]) -> N
                 set_={
                     "fingerprint": statement.excluded.fingerprint,
                     "value": statement.excluded.value,
+                    "version": statement.excluded.version,
                     "updated_at": statement.excluded.updated_at,
                 },
             )

@@ -151,7 +151,9 @@ sink_leases = Table(
 
 #: Rule state that outlives a process (``flux.rules.state``): a script rule's ``state`` per
 #: device, a window rule's open windows per group, a rule's quarantine. ``fingerprint`` names
-#: what the state depends on; a row whose rule changed is dropped at load.
+#: what the state depends on; a row whose rule changed is dropped at load. ``version`` goes
+#: up with every write of a key, so an instance sees that another one wrote it since; the
+#: (kind, key) index serves reading a batch's devices.
 rule_state = Table(
     "rule_state",
     metadata,
@@ -161,6 +163,8 @@ rule_state = Table(
     Column("fingerprint", String(32), nullable=False),
     Column("value", JsonType, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="0"),
+    Index("ix_rule_state_kind_key", "kind", "key"),
 )
 
 #: One row (id 1): bumped by every change to the rules (API writes, reloads), so every

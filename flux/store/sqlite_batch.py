@@ -46,9 +46,10 @@ from flux.store.outbox import outbox_params
 T = TypeVar("T")
 
 UPSERT_RULE_STATE = (
-    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
-    "fingerprint = excluded.fingerprint, value = excluded.value, updated_at = excluded.updated_at"
+    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, version, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, value = excluded.value, version = excluded.version, "
+    "updated_at = excluded.updated_at"
 )
 DELETE_RULE_STATE = "DELETE FROM rule_state WHERE rule_id = ? AND kind = ? AND key = ?"
 
@@ -284,8 +285,7 @@ class SqliteBatchWriter:
             insert_rows(conn, INSERT_ALERTS, alerts)
             insert_rows(conn, INSERT_OUTBOX, outbox)
             delete_rows(conn, deletes)
-            if state:
-                conn.executemany(UPSERT_RULE_STATE, state)
+            insert_rows(conn, UPSERT_RULE_STATE, state)
             if state_deletes:
                 conn.executemany(DELETE_RULE_STATE, state_deletes)
             faults.hit("db_io_error")

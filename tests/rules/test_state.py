@@ -3,6 +3,8 @@ rows read back continue the state; a changed rule starts afresh."""
 
 from __future__ import annotations
 
+import orjson
+
 from flux.rules import Rule, RuleEngine
 from flux.rules.state import StateRow, fingerprint, pack_windows, unpack_windows
 
@@ -27,13 +29,76 @@ async def test_a_batch_hands_out_the_state_it_changed(engine: RuleEngine) -> Non
     )
     rows = sorted(engine.take_state_changes(), key=lambda row: row.key)
     assert rows == [
-        StateRow("st-count", "script", "d1", fingerprint(COUNTER), {"n": 2}),
-        StateRow("st-count", "script", "d2", fingerprint(COUNTER), {"n": 1}),
+        StateRow("st-count", "script", "d1", fingerprint(COUNTER), {"n": 2}, 1),
+        StateRow("st-count", "script", "d2", fingerprint(COUNTER), {"n": 1}, 1),
     ]
     assert engine.take_state_changes() == []  # handed out once
     assert metric("flux_rule_state_writes_total", kind="script") == written + 2
     await engine.evaluate_batch([make_event({}, "devices/d2/t")])
-    assert [row.value for row in engine.take_state_changes()] == [{"n": 2}]
+    assert [(row.value, row.version) for row in engine.take_state_changes()] == [({"n": 2}, 2)]
+
+
+async def test_number_keys_and_bytes_that_are_not_utf8_are_stored_as_json(
+    engine: RuleEngine,
+) -> None:
+    """``state[1] = ...`` is allowed: its row must be JSON (objects have string keys), or
+    the store would refuse the batch carrying it again at every redelivery."""
+    ring = Rule(
+        id="st-ring",
+        topic="devices/+/t",
+        script="state[1] = 20.5\nstate.tag = string.char(255)\nreturn {first = state[1]}",
+    )
+    await engine.reload([ring])
+    await engine.evaluate_batch([make_event({}, "devices/d1/t")])
+    (row,) = engine.take_state_changes()
+    assert row.value == [[1, 20.5], ["tag", "\ufffd"]] or row.value == [
+        ["tag", "\ufffd"],
+        [1, 20.5],
+    ]
+    orjson.dumps(row.value)  # what the store writes
+    async with RuleEngine() as fresh:
+        await fresh.reload([ring.model_copy(update={"script": "return {first = state[1]}"})])
+        stamp = fingerprint(ring.model_copy(update={"script": "return {first = state[1]}"}))
+        assert await fresh.restore_state([StateRow("st-ring", "script", "d1", stamp, row.value)])
+        (match,) = await fresh.evaluate_batch([make_event({}, "devices/d1/t")])
+        assert match.output == {"first": 20.5}
+
+
+async def test_shared_devices_take_what_another_instance_wrote_since(engine: RuleEngine) -> None:
+    """A device whose messages go back and forth between instances: each batch's devices are
+    read, and a row with a newer version than the one held replaces it."""
+    stored: dict[str, StateRow] = {}
+
+    async def loader(devices: object) -> list[StateRow]:
+        return [row for key, row in stored.items() if key in devices]  # type: ignore[operator]
+
+    await engine.reload([COUNTER])
+    engine.load_state_with(loader, every_batch=True)
+    await engine.evaluate_batch([make_event({}, "devices/d1/t")])
+    (mine,) = engine.take_state_changes()
+    assert (mine.value, mine.version) == ({"n": 1}, 1)
+    stored["d1"] = mine  # committed; as new as what is held: not read over it
+    await engine.evaluate_batch([make_event({}, "devices/d1/t")])
+    (mine,) = engine.take_state_changes()
+    assert (mine.value, mine.version) == ({"n": 2}, 2)
+    # Another instance took the device from version 2 on and counted to 10.
+    stored["d1"] = StateRow("st-count", "script", "d1", fingerprint(COUNTER), {"n": 10}, 9)
+    (match,) = await engine.evaluate_batch([make_event({}, "devices/d1/t")])
+    assert match.output == {"n": 11}
+    (mine,) = engine.take_state_changes()
+    assert mine.version == 10
+
+
+async def test_a_shared_device_evicted_from_memory_keeps_its_row() -> None:
+    async def nothing(devices: object) -> list[StateRow]:
+        return []
+
+    async with RuleEngine(max_state_devices=2) as engine:
+        await engine.reload([COUNTER])
+        engine.load_state_with(nothing, every_batch=True)
+        await engine.evaluate_batch([make_event({}, f"devices/d{i}/t") for i in range(3)])
+        rows = engine.take_state_changes()
+    assert {row.key for row in rows} == {"d1", "d2"}, "no deletion: the row may be another's"
 
 
 async def test_rows_read_back_continue_the_state_in_a_new_engine() -> None:

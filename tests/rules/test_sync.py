@@ -17,8 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select, text
 
 from flux.app import Gateway
+from flux.config import DatabaseConfig
+from flux.rules.sync import RulesetSync
+from flux.store.database import create_engine
+from flux.store.migrate import upgrade_async
 from flux.store.schema import alerts
 from tests.harness import Db, GatewayProcess, make_settings, unique, wait_until
 from tests.harness import write_config as _write_config
@@ -155,6 +160,93 @@ async def test_a_device_moved_to_another_sqlite_instance_keeps_its_rate_referenc
     tmp_path: Path, broker: tuple[str, int]
 ) -> None:
     await device_moves(tmp_path, broker, f"sqlite+aiosqlite:///{tmp_path}/shared.db")
+
+
+async def test_a_device_going_back_and_forth_between_postgres_instances_meets_no_stale_state(
+    tmp_path: Path, broker: tuple[str, int], pg_url: str
+) -> None:
+    """Readings through a, b, a, then (a stopped) b: each instance holds the device's state
+    from its last reading, which the other has written over since; the rate must be taken
+    against the reading just before, wherever it was taken."""
+    db = Db(pg_url)
+    device = unique("dev")
+    now = time.time()
+    rule = "temperature-rising-fast"
+    try:
+        async with instances(tmp_path, broker, pg_url) as start:
+            a = start("a")
+            await a.wait_ready()
+            b = start("b")
+            await b.wait_ready()
+            await post(a, device, {"temperature": 20.0, "ts": now - 120})
+            # b has not seen the device: 20 -> 25 in 30 s is 10 per minute: alert.
+            await post(b, device, {"temperature": 25.0, "ts": now - 90})
+            await wait_until(lambda: alerts_of(db, rule, device), timeout=10, what="b's alert")
+            # a holds 20.0 (60 s before: 5.2 per minute); b wrote 25.0: 0.4 per minute.
+            await post(a, device, {"temperature": 25.2, "ts": now - 60})
+            a.signal(signal.SIGTERM)
+            assert await a.wait_exit() == 0, a.log()[-3000:]
+            # b holds 25.0 (60 s before: 1.5 per minute); a wrote 25.2: 2.6 per minute.
+            await post(b, device, {"temperature": 26.5, "ts": now - 30})
+            await wait_until(
+                lambda: _fired_on(db, rule, device, 26.5), timeout=10, what="the 4th's alert"
+            )
+            # A stale reference would have fired on 25.2 and not on 26.5.
+            assert sorted(await _fired(db, rule, device)) == [25.0, 26.5]
+    finally:
+        await db.close()
+
+
+async def _fired(db: Db, rule: str, device: str) -> list[float]:
+    """The readings (temperatures) the rule alerted on."""
+    query = select(alerts.c.output).where(alerts.c.rule_id == rule, alerts.c.device_id == device)
+    async with db.engine.connect() as conn:
+        return [output["current"] for output in (await conn.execute(query)).scalars()]
+
+
+async def _fired_on(db: Db, rule: str, device: str, temperature: float) -> bool:
+    return temperature in await _fired(db, rule, device)
+
+
+async def test_a_lost_listening_connection_is_opened_again(pg_url: str) -> None:
+    """PostgreSQL ends the LISTENing session: the next change still reaches the other
+    instance within a second (the 5 s read would not)."""
+    config = DatabaseConfig(url=pg_url)
+    await upgrade_async(config)
+    engines = [create_engine(config), create_engine(config)]
+    reloads: list[float] = []
+
+    async def reload() -> None:
+        reloads.append(time.monotonic())
+
+    async def nothing() -> None:
+        return None
+
+    writer = RulesetSync(engine=engines[0], reload=nothing)
+    reader = RulesetSync(engine=engines[1], reload=reload)
+    try:
+        async with writer, reader:
+            await asyncio.wait_for(reader.wait_listening(), 10)
+            async with engines[0].begin() as conn:
+                ended = await conn.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                    )
+                )
+            assert ended == 2, "both instances' listening sessions ended"
+            await wait_until(lambda: not reader.listening, timeout=10, what="the loss noticed")
+            await asyncio.wait_for(reader.wait_listening(), 10)
+            reloads.clear()  # a reconnection re-reads the version (nothing changed yet)
+            changed = time.monotonic()
+            await writer.announce()
+            await wait_until(lambda: bool(reloads), timeout=10, what="the reload")
+            delay = reloads[0] - changed
+            print(f"\nafter a lost LISTEN connection: reloaded {delay:.3f} s after the change")
+            assert delay < 1.0
+    finally:
+        for engine in engines:
+            await engine.dispose()
 
 
 async def test_stateful_rules_on_a_shared_subscription_are_warned_about(
