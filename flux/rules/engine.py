@@ -25,7 +25,7 @@ from flux.config import RulesConfig
 from flux.errors import NotReady
 from flux.events import Event
 from flux.rules import metrics
-from flux.rules.batch import RuleMatch, evaluate
+from flux.rules.batch import BatchOutcome, RuleMatch
 from flux.rules.compiler import (
     CompileCache,
     CompiledRule,
@@ -44,8 +44,16 @@ from flux.rules.sandbox import (
     DEFAULT_TIME_LIMIT_S,
     LuaSandbox,
 )
+from flux.rules.state import StateRow
 from flux.rules.stats import RuleStats, RuleStatus
-from flux.rules.testing import RuleTestResult, run_test
+from flux.rules.testing import (
+    RuleTestResult,
+    TestEvent,
+    WindowTestResult,
+    run_test,
+    run_window_test,
+)
+from flux.rules.windows import WindowStore, evaluate_closed
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +177,7 @@ class RuleEngine:
         self._reloads: Coalescer[ReloadReport] = Coalescer()
         self._pending_source: RuleSource | None = None
         self._stats = RuleStats()
+        self._windows = WindowStore()
 
     @classmethod
     def from_config(
@@ -280,6 +289,7 @@ class RuleEngine:
         self._version = ruleset.version
         self._ruleset = ruleset
         self._stats.reloaded(ruleset, result)
+        await self._call(self._windows.sync, ruleset.rules)
         await self._call(self._cleanup, ruleset, result)
         report = ReloadReport.of(ruleset, result, time.perf_counter() - started)
         metrics.RULES_RELOAD.labels(result=report.result).inc()
@@ -334,9 +344,56 @@ class RuleEngine:
         _sandbox, _cache, ruleset = self._require()
         if not events or not ruleset.rules:
             return []
-        outcome = await self._call(evaluate, ruleset, events)
+        outcome = await self._call(self._evaluate, ruleset, events)
         self._stats.record(ruleset, outcome)
         return outcome.matches
+
+    def _evaluate(self, ruleset: Ruleset, events: Sequence[Event]) -> BatchOutcome:
+        """Add ``events`` to their windows, then evaluate them and the windows that closed."""
+        windows = self._windows
+        if not windows:
+            return evaluate_closed(ruleset, events, (), 0.0)
+        now = time.time()
+        return evaluate_closed(ruleset, events, windows.add(events, now), now)
+
+    async def close_windows(self, now: float | None = None) -> list[RuleMatch]:
+        """Close the windows due at ``now`` (default: the clock), evaluate their ``when`` and
+        return the matches; the pipeline's timer calls it, so windows close without events."""
+        if not self._windows:
+            return []
+        _sandbox, _cache, ruleset = self._require()
+        outcome = await self._call(self._close_due, ruleset, now)
+        if outcome.evaluations or outcome.failures:
+            self._stats.record(ruleset, outcome)
+        return outcome.matches
+
+    def _close_due(self, ruleset: Ruleset, now: float | None) -> BatchOutcome:
+        at = time.time() if now is None else now
+        closed = self._windows.due(at)
+        if not closed:
+            return BatchOutcome()
+        return evaluate_closed(ruleset, (), closed, at)
+
+    # ------------------------------------------------------------------ window state
+
+    @property
+    def has_windows(self) -> bool:
+        """Return whether the active ruleset has window rules."""
+        return bool(self._windows)
+
+    def window_changes(self) -> list[StateRow]:
+        """Return the window state rows changed since the last call (kind ``"window"``, key =
+        group key, ``value`` None = the group has no open window any more), and forget them.
+
+        Call it on the loop between batches (after ``evaluate_batch``/``close_windows``);
+        with ``offload`` the Lua thread is idle then.
+        """
+        return self._windows.changes()
+
+    def restore_windows(self, rows: Iterable[StateRow]) -> int:
+        """Load window state rows (after a reload, before events flow); rows of unknown
+        rules or with another fingerprint are ignored. Return how many were loaded."""
+        return self._windows.restore(rows)
 
     # ------------------------------------------------------------------ single rules
 
@@ -360,6 +417,10 @@ class RuleEngine:
         The rule runs with its own empty ``state`` (seeded from ``state``), never the live one.
         """
         sandbox, _cache, _ruleset = self._require()
+        if rule.window is not None:
+            event = TestEvent(payload=payload, ts=received_at or time.time(), device_id=device_id)
+            windowed = await self.test_window_rule(rule, [event], topic=topic, close_open=True)
+            return windowed.as_single()
         return await self._call(
             run_test,
             sandbox,
@@ -370,6 +431,21 @@ class RuleEngine:
             state=state,
             received_at=received_at,
             fuse=self._fuse,
+        )
+
+    async def test_window_rule(
+        self,
+        rule: Rule,
+        events: Sequence[TestEvent],
+        *,
+        topic: str | None = None,
+        close_open: bool = False,
+    ) -> WindowTestResult:
+        """Feed ``events`` (each with its arrival time ``ts``) to a fresh copy of a window rule;
+        return the windows that closed (all still open ones too with ``close_open``)."""
+        sandbox, _cache, _ruleset = self._require()
+        return await self._call(
+            run_window_test, sandbox, rule, events, topic=topic, close_open=close_open
         )
 
 
