@@ -387,7 +387,12 @@ class Rule(BaseModel):
     @model_validator(mode="after")
     def _window(self) -> Rule:
         if self.window is None:
-            stray = [key for key in WINDOW_KEYS if key in self.model_fields_set]
+            fields = type(self).model_fields
+            stray = [
+                key
+                for key in WINDOW_KEYS
+                if getattr(self, key) != fields[key].get_default(call_default_factory=True)
+            ]
             if stray:
                 verb = "needs" if len(stray) == 1 else "need"
                 raise ValueError(
