@@ -149,7 +149,7 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
 def _test_events(text: str) -> list[Any]:
     """``--events``: a JSON list (or ``@file``) of ``{"payload": {...}, "ts": ..., "device_id"}``,
     or an object holding it under ``events``."""
-    from flux.rules.testing import TestEvent
+    from flux.rules.testing import TimedEvent
 
     if text.startswith("@"):
         try:
@@ -163,7 +163,7 @@ def _test_events(text: str) -> list[Any]:
     if isinstance(value, dict):
         value = value.get("events")
     if not isinstance(value, list):
-        raise FluxError("--events must be a JSON list of events (or {\"events\": [...]})")
+        raise FluxError('--events must be a JSON list of events (or {"events": [...]})')
     events = []
     for index, item in enumerate(value):
         payload = item.get("payload") if isinstance(item, dict) else None
@@ -172,7 +172,7 @@ def _test_events(text: str) -> list[Any]:
             raise FluxError(f"--events[{index}] needs a 'payload' object and a number 'ts'")
         device, topic = item.get("device_id"), item.get("topic")
         events.append(
-            TestEvent(
+            TimedEvent(
                 payload,
                 float(ts),
                 device if isinstance(device, str) else None,
@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     rule_test.add_argument("--payload", help="JSON object, e.g. '{\"temperature\": 31}'")
     rule_test.add_argument(
         "--events",
-        help="window rules: JSON list (or @file) of {\"payload\": {...}, \"ts\": 1700000000, "
-        "\"device_id\": \"d1\"} in arrival order; prints the windows that closed",
+        help='window rules: JSON list (or @file) of {"payload": {...}, "ts": 1700000000, '
+        '"device_id": "d1"} in arrival order; prints the windows that closed',
     )
     rule_test.add_argument(
         "--close-open", action="store_true", help="with --events: close the still-open windows too"

@@ -12,7 +12,7 @@ from flux.api.gateway import Gateway, Rules, Sources
 from flux.errors import Conflict, NotFound
 from flux.rules import RuleEngine, RuleValidationError, parse_rule
 from flux.rules.sources import RuleSources
-from flux.rules.testing import TestEvent
+from flux.rules.testing import TimedEvent
 
 router = APIRouter(tags=["rules"])
 
@@ -33,7 +33,7 @@ RuleBody = Annotated[
 ]
 
 
-class TestEventBody(BaseModel):
+class TimedEventBody(BaseModel):
     """One message of a window rule test; ``ts`` is its arrival time (epoch seconds)."""
 
     payload: dict[str, Any]
@@ -46,7 +46,7 @@ class RuleTestRequest(BaseModel):
     payload: dict[str, Any] | None = Field(
         default=None, examples=[{"temperature": 31.5, "humidity": 40}]
     )
-    events: list[TestEventBody] | None = Field(
+    events: list[TimedEventBody] | None = Field(
         default=None,
         max_length=100_000,
         description="window rules: messages in arrival order; the windows that close are "
@@ -180,8 +180,7 @@ async def test_rule(
                 f"rule {rule_id!r} is not a window rule; send one 'payload'", rule_id=rule_id
             )
         events = [
-            TestEvent(e.payload, e.ts, e.device_id or body.device_id, e.topic)
-            for e in body.events
+            TimedEvent(e.payload, e.ts, e.device_id or body.device_id, e.topic) for e in body.events
         ]
         windowed = await engine.test_window_rule(
             rule, events, topic=body.topic, close_open=body.close_open

@@ -48,7 +48,7 @@ from flux.rules.state import StateRow
 from flux.rules.stats import RuleStats, RuleStatus
 from flux.rules.testing import (
     RuleTestResult,
-    TestEvent,
+    TimedEvent,
     WindowTestResult,
     run_test,
     run_window_test,
@@ -418,7 +418,7 @@ class RuleEngine:
         """
         sandbox, _cache, _ruleset = self._require()
         if rule.window is not None:
-            event = TestEvent(payload=payload, ts=received_at or time.time(), device_id=device_id)
+            event = TimedEvent(payload=payload, ts=received_at or time.time(), device_id=device_id)
             windowed = await self.test_window_rule(rule, [event], topic=topic, close_open=True)
             return windowed.as_single()
         return await self._call(
@@ -436,7 +436,7 @@ class RuleEngine:
     async def test_window_rule(
         self,
         rule: Rule,
-        events: Sequence[TestEvent],
+        events: Sequence[TimedEvent],
         *,
         topic: str | None = None,
         close_open: bool = False,

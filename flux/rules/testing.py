@@ -135,7 +135,7 @@ def _result(rule: Rule, topic: str, outcome: BatchOutcome, elapsed: float) -> Ru
 
 
 @dataclass(frozen=True, slots=True)
-class TestEvent:
+class TimedEvent:
     """One message of a window test: its payload, arrival time and (optional) device."""
 
     payload: dict[str, Any]
@@ -197,7 +197,7 @@ class WindowTestResult:
 def run_window_test(
     sandbox: LuaSandbox,
     rule: Rule,
-    events: Sequence[TestEvent],
+    events: Sequence[TimedEvent],
     *,
     topic: str | None = None,
     close_open: bool = False,
@@ -250,7 +250,7 @@ def _evaluate_windows(
 __all__ = [
     "ClosedWindowResult",
     "RuleTestResult",
-    "TestEvent",
+    "TimedEvent",
     "WindowTestResult",
     "run_test",
     "run_window_test",

@@ -13,7 +13,7 @@ from flux.rules.engine import RuleEngine
 from flux.rules.errors import RuleError, RuleValidationError
 from flux.rules.model import Rule, load_rules_path
 from flux.rules.sandbox import LuaSandbox
-from flux.rules.testing import RuleTestResult, TestEvent, WindowTestResult
+from flux.rules.testing import RuleTestResult, TimedEvent, WindowTestResult
 
 #: Where shipped rule files live, relative to the working directory.
 DEFAULT_RULES_PATH = Path("rules")
@@ -104,7 +104,7 @@ def run_rule_test(
 
 def run_window_rule_test(
     rule: Rule | str,
-    events: Sequence[TestEvent],
+    events: Sequence[TimedEvent],
     *,
     topic: str | None = None,
     path: str | Path = DEFAULT_RULES_PATH,
@@ -119,9 +119,7 @@ def run_window_rule_test(
 
     async def run() -> WindowTestResult:
         async with RuleEngine() as engine:
-            return await engine.test_window_rule(
-                found, events, topic=topic, close_open=close_open
-            )
+            return await engine.test_window_rule(found, events, topic=topic, close_open=close_open)
 
     return asyncio.run(run())
 
