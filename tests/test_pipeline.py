@@ -384,7 +384,9 @@ async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(
     try:
         async with (
             serve_gateway(settings) as (gateway, server),
-            httpx.AsyncClient(base_url=f"{server.url}/api/v1", timeout=60) as api,
+            httpx.AsyncClient(
+                base_url=f"{server.url}/api/v1", timeout=60
+            ) as api,
         ):
             actions = gateway.pipeline.actions
             runtimes_before = gateway.bus.subscriber_count(), actions.handler_count
