@@ -354,7 +354,12 @@ class RuleEngine:
         if not windows:
             return evaluate_closed(ruleset, events, (), 0.0)
         now = time.time()
-        return evaluate_closed(ruleset, events, windows.add(events, now), now)
+        started = time.perf_counter()
+        closed = windows.add(events, now)
+        took = time.perf_counter() - started
+        outcome = evaluate_closed(ruleset, events, closed, now)
+        outcome.elapsed += took  # the rules' cost includes the windows'
+        return outcome
 
     async def close_windows(self, now: float | None = None) -> list[RuleMatch]:
         """Close the windows due at ``now`` (default: the clock), evaluate their ``when`` and

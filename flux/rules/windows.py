@@ -246,6 +246,24 @@ class RuleWindows:
         fixed_spans = self.spans(now) if timed and time_field is None else None
         late = no_time = no_group = 0
         opened = self.open_windows
+        if fixed_spans is not None and len(fixed_spans) == 1 and by_device:
+            # The common case (a processing-time tumbling window per device), kept lean.
+            start, end = fixed_spans[0]
+            for event in events:
+                key = event.device_id
+                if key is None:
+                    no_group += 1
+                    continue
+                group = groups.get(key)
+                if group is None:
+                    group = self._new_group(key)
+                window = group.windows.get(start)
+                if window is None:
+                    window = self._open(group, key, start, end, now)
+                update(window, event.payload, now)
+                group.last = event
+                changed.add(key)
+            events = ()
         for event in events:
             payload = event.payload
             if by_device:
