@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from flux.events import Event, new_event_id
+from flux.events import Event, json_bytes, new_event_id
 from flux.rules import metrics
 from flux.rules.batch import BatchOutcome, evaluate
 from flux.rules.model import Rule
@@ -41,6 +41,7 @@ _TOPIC_PLANS = 65_536
 #: Changed keys kept for a reader of ``changes()`` before stale ones are forgotten, per group cap.
 _CHANGED_SLACK = 2
 
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 #: Why an event was not added to any window (``flux_window_events_dropped_total``).
 DROP_REASONS = ("late", "no_time", "no_group")
 
@@ -424,6 +425,8 @@ class RuleWindows:
                 value = None
             elif function == "avg":
                 value = value / window[numbers]
+            elif function == "sum" and value.__class__ is int and not _I64_MIN <= value <= _I64_MAX:
+                value = float(value)  # JSON (and Lua) integers stop at 64 bits
             result[name] = value
         if self.kind == "session":
             result["window_start"] = window[_FIRST_T]
@@ -635,7 +638,7 @@ def evaluate_closed(
             topic=topic,
             device_id=item.device_id,
             payload=item.output,
-            raw=b"",
+            raw=json_bytes(item.output),  # what a plugin taking raw input reads
             received_at=now,
             source="derived",
             hops=item.hops,

@@ -259,6 +259,13 @@ def test_every_aggregate() -> None:
     }
 
 
+def test_a_sum_beyond_64_bits_becomes_a_float() -> None:
+    windows = RuleWindows(window_rule(select={"s": "sum(big)"}), count=False)
+    windows.add([ev({"big": 2**62}), ev({"big": 2**62}), ev({"big": 2**62})], T0)
+    [closed] = windows.flush()
+    assert closed.output["s"] == float(3 * 2**62)
+
+
 # -- when, actions and the engine ---------------------------------------------------------
 
 
@@ -273,7 +280,7 @@ async def test_when_filters_closed_windows_and_matches_carry_the_output() -> Non
         matches = await engine.close_windows(now + 120)
         assert sorted(m.event.device_id for m in matches) == ["d1", "d2"]
         match = next(m for m in matches if m.event.device_id == "d2")
-        assert match.output == match.event.payload
+        assert match.output == match.event.payload == orjson.loads(match.event.raw)
         assert match.output is not None and match.output["avg_t"] == 35.0
         assert match.event.topic == "devices/d2/telemetry"
         status = engine.status("win")
