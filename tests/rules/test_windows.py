@@ -380,6 +380,22 @@ def test_reload_keeps_windows_when_the_fingerprint_holds_and_drops_them_otherwis
     store.sync([])
 
 
+async def test_engine_reload_keeps_or_drops_open_windows() -> None:
+    async with RuleEngine() as engine:
+        await engine.reload([window_rule()])
+        await engine.evaluate_batch([ev({"temperature": 10})])
+        await engine.reload([window_rule(when="n >= 1", version=2)])
+        [kept] = await engine.close_windows(time.time() + 120)
+        assert kept.output is not None and kept.output["n"] == 1
+        await engine.evaluate_batch([ev({"temperature": 10})])
+        await engine.reload([window_rule(window={"type": "tumbling", "size_s": 30})])
+        assert await engine.close_windows(time.time() + 120) == []
+        await engine.evaluate_batch([ev({"temperature": 10})])
+        await engine.reload([])
+        assert not engine.has_windows
+        assert {(r.key, r.value) for r in engine.window_changes()} == {("d1", None)}
+
+
 def test_changes_and_restore_round_trip() -> None:
     rule = window_rule(window={"type": "session", "gap_s": 30}, select={"s": "sum(temperature)"})
     first = WindowStore()
