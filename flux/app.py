@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,11 +40,14 @@ from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline, Windo
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
+from flux.rules.state import fingerprint
+from flux.rules.sync import RulesetSync
 from flux.sampler import MetricsSampler
 from flux.sinks import Sinks, check_forward_sinks
 from flux.store.database import create_engine, export_pool_metrics
 from flux.store.migrate import upgrade_async
 from flux.store.retention import Retention
+from flux.store.rule_state import load_keys, load_rule_state, purge_stale
 from flux.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,7 @@ class Gateway:
             rules, known_plugins=self.plugins.names, known_sinks=self.sinks.names
         )
         self.rule_sources = RuleSources(engine=self.engine, rules_dir=Path(rules.dir))
+        self.ruleset_sync = RulesetSync(engine=self.engine, reload=self._reload_rules)
         self.pipeline = Pipeline(
             bus=self.bus,
             plugins=self.plugins,
@@ -187,7 +192,9 @@ class Gateway:
         await self._enter("plugins", self.plugins)
         await self._enter("rules", self.rules)
         await self._check_forwards()
-        await self.reload_rules()
+        await self._reload_rules()
+        await self._restore_rule_state()
+        await self._enter("rules sync", self.ruleset_sync)
         self.bus.subscribe(
             PIPELINE_SUBSCRIBER,
             self.pipeline.handle,
@@ -202,6 +209,35 @@ class Gateway:
         await self._enter("sinks", self.sinks)
         await self._enter("mqtt ingest", self.mqtt)
         await self._enter("metrics sampler", self.sampler)
+
+    async def _restore_rule_state(self) -> None:
+        """Read back the rules' stored state (script state, quarantines), dropping what a
+        changed or deleted rule left; later, devices this process has not seen yet are read
+        as they come (another instance may have handled them)."""
+        rows = await load_rule_state(self.engine)
+        used = await self.rules.restore_state(rows)
+        current = {
+            status.id: fingerprint(status.rule) for status in self.rules.rules() if status.rule
+        }
+        purged = await purge_stale(self.engine, current)
+        log.info("rule state: %d rows restored, %d stale rows dropped", used, purged)
+        group = self.settings.mqtt.shared_group
+        stateful = sorted(
+            status.id
+            for status in self.rules.rules()
+            if status.rule and (status.rule.uses_state or status.rule.window is not None)
+        )
+        if group and stateful:
+            log.warning(
+                "stateful rules (%s) run on a shared subscription ($share/%s/...): a "
+                "device's messages must reach one instance at a time for its state to be "
+                "right; use a broker that shares by client id or topic (EMQX: "
+                "shared_subscription_strategy = hash_clientid or hash_topic). Mosquitto "
+                "hands them out round-robin (see the README, Rules: scale-out)",
+                ", ".join(stateful),
+                group,
+            )
+        self.rules.load_state_with(partial(load_keys, self.engine, "script"))
 
     async def _check_forwards(self) -> None:
         """A rule forwarding to a sink that is not configured stops start-up (exit 2)."""
@@ -277,10 +313,16 @@ class Gateway:
     # -- what the API and operators see -----------------------------------------------------
 
     async def reload_rules(self) -> dict[str, Any]:
-        """Re-read rules from files and the database and swap them in; return the report.
+        """Re-read rules from files and the database and swap them in; return the report;
+        then tell the other instances sharing the database to reload too.
 
         Concurrent calls coalesce (the engine runs one more reload, not one per call).
         """
+        result = await self._reload_rules()
+        await self.ruleset_sync.announce()
+        return result
+
+    async def _reload_rules(self) -> dict[str, Any]:
         report = await self.rules.reload(self.rule_sources.load)
         result = report.to_dict()
         file_errors = [error.to_dict() for error in self.rule_sources.load_errors]

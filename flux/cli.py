@@ -219,26 +219,63 @@ def _cmd_plugins_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _gateway_call(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30
+) -> Any:
+    """Call a running gateway's API (``--url``/``--token``, else from the configuration);
+    return the decoded JSON answer, or raise ``FluxError`` with what went wrong."""
     import httpx
-
-    from flux.tuning import format_report
 
     server = _settings(args).server
     url = args.url or (f"{'https' if server.uses_tls else 'http'}://{server.host}:{server.port}")
     token = args.token if args.token is not None else server.api_token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(f"{url.rstrip('/')}/api/v1/report", headers=headers, timeout=30)
+        response = httpx.request(
+            method, f"{url.rstrip('/')}{path}", json=body, headers=headers, timeout=timeout
+        )
     except httpx.HTTPError as exc:
         raise FluxError(f"cannot reach the gateway at {url}: {exc}") from None
     if response.status_code != 200:
         raise FluxError(f"{url} answered {response.status_code}: {response.text[:500]}")
-    report = response.json()
+    return response.json()
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from flux.tuning import format_report
+
+    report = _gateway_call(args, "GET", "/api/v1/report")
     if args.json:
         _print_json(report)
     else:
         print(format_report(report))
+    return 0
+
+
+def _cmd_rules_trace(args: argparse.Namespace) -> int:
+    body = {"count": args.count, "timeout_s": args.timeout}
+    trace = _gateway_call(
+        args, "POST", f"/api/v1/rules/{args.rule}/trace", body, timeout=args.timeout + 10
+    )
+    if args.json:
+        _print_json(trace)
+        return 0
+    for number, record in enumerate(trace["evaluations"], start=1):
+        event = record["input"]
+        line = (
+            f"{number:>4} {record['result']:<11} {record['time_us']:>9.1f} us  "
+            f"{event['device_id'] or '-'}  {event['topic']}  "
+            f"{orjson.dumps(event['payload']).decode()}"
+        )
+        if record["output"] is not None:
+            line += f"  -> {orjson.dumps(record['output']).decode()}"
+        if record["error"] is not None:
+            error = record["error"]
+            line += f"  !! {error['kind']} at line {error['line']}: {error['message']}"
+        print(line)
+    seen = len(trace["evaluations"])
+    if not trace["complete"]:
+        print(f"{seen} of {args.count} evaluations within {args.timeout:g} s", file=sys.stderr)
     return 0
 
 
@@ -319,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_cmd_config_check)
 
-    rules = commands.add_parser("rules", help="check and try rules without a running gateway")
+    rules = commands.add_parser(
+        "rules", help="check and try rules; trace them on a running gateway"
+    )
     rules_commands = rules.add_subparsers(
         dest="rules_command", required=True, metavar="RULES_COMMAND"
     )
@@ -348,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     rule_test.add_argument("--topic", help="topic of the sample message")
     rule_test.add_argument("--path", help="rule file or folder (default: [rules] dir)")
     rule_test.set_defaults(handler=_cmd_rules_test)
+    rule_trace = with_config(
+        rules_commands.add_parser(
+            "trace",
+            help="show a rule's next evaluations on a running gateway's live traffic",
+            description="Print the next evaluations of RULE on a running gateway (POST "
+            "/api/v1/rules/RULE/trace): input, result, output, time and error of each.",
+        )
+    )
+    rule_trace.add_argument("rule", help="rule id")
+    rule_trace.add_argument("--count", type=int, default=20, help="evaluations (default 20)")
+    rule_trace.add_argument(
+        "--timeout", type=float, default=30, help="seconds to wait for them (default 30)"
+    )
+    _gateway_options(rule_trace)
+    rule_trace.add_argument("--json", action="store_true", help="print the trace as JSON")
+    rule_trace.set_defaults(handler=_cmd_rules_trace)
 
     plugins = commands.add_parser("plugins", help="inspect and try WebAssembly plugins")
     plugin_commands = plugins.add_subparsers(
@@ -382,13 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
             "its current and suggested value and the figures behind it.",
         )
     )
-    report.add_argument(
-        "--url", help="the gateway's API (default: from server.host and server.port)"
-    )
-    report.add_argument("--token", help="bearer token (default: server.api_token)")
+    _gateway_options(report)
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.set_defaults(handler=_cmd_report)
     return parser
+
+
+def _gateway_options(command: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--token`` of the commands that ask a running gateway."""
+    command.add_argument(
+        "--url", help="the gateway's API (default: from server.host and server.port)"
+    )
+    command.add_argument("--token", help="bearer token (default: server.api_token)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from flux.rules import (
     WebhookAction,
     alert_row,
 )
+from flux.rules.state import StateRow
 from flux.sinks.rows import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,17 @@ STORE_SUBSCRIBER = "store"
 WINDOW_TICK_S = 0.25
 
 
+
 class AddRows(Protocol):
-    """Queue alert and outbox rows for the store's next transaction (``StoreWriter.add_rows``);
-    ``confirm`` runs after their commit."""
+    """Queue alert, outbox and rule state rows for the store's next transaction
+    (``StoreWriter.add_rows``); ``confirm`` runs after their commit."""
 
     def __call__(
         self,
         *,
         alerts: Sequence[dict[str, Any]] = (),
         outbox: Sequence[OutboxRow] = (),
+        state: Sequence[StateRow] = (),
         confirm: Callable[[], None],
     ) -> None: ...
 
@@ -212,12 +215,17 @@ class Pipeline:
             matches = [*window_matches, *matches]
         if matches:
             await self.actions.execute(matches)
+        # Rule state rides with the batch's alerts: the events' acknowledgement waits for it.
+        state = self._rules.take_state_changes()
+        if matches or state:
             alerts, self._alerts = self._alerts, []
             outbox, self._outbox = self._outbox, []
             derived.extend(self._derived)
             self._derived = []
-            if alerts or outbox:
-                self._add_rows(alerts=alerts, outbox=outbox, confirm=self._part(self._current))
+            if alerts or outbox or state:
+                self._add_rows(
+                    alerts=alerts, outbox=outbox, state=state, confirm=self._part(self._current)
+                )
         return derived
 
     async def _run_plugins(self, work: list[Event]) -> list[Event]:

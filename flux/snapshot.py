@@ -38,6 +38,9 @@ SAMPLED_FAMILIES = {
         "flux_plugin_pool_exhausted",
         "flux_plugin_executions",
         "flux_plugin_recycles",
+        "flux_sink_sent",
+        "flux_sink_failures",
+        "flux_sink_dropped",
     ),
     "gauge": (
         "flux_eventbus_depth",
@@ -48,6 +51,10 @@ SAMPLED_FAMILIES = {
         "flux_plugin_pool_available",
         "flux_plugin_memory_bytes",
         "flux_degraded",
+        "flux_sink_backlog",
+        "flux_sink_backlog_bytes",
+        "flux_sink_oldest_age_seconds",
+        "flux_sink_connected",
     ),
     "histogram": (
         "flux_db_batch_size",
@@ -56,8 +63,15 @@ SAMPLED_FAMILIES = {
         "flux_rule_eval_seconds",
         "flux_plugin_call_seconds",
     ),
+    # A counter by meaning, exposed untyped beside the histogram of the same family name.
+    "untyped": ("flux_rule_eval_seconds_total",),
 }
-_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "untyped": ("",),
+}
 SAMPLED = frozenset(
     family + suffix
     for kind, families in SAMPLED_FAMILIES.items()

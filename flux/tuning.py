@@ -14,7 +14,7 @@ behind it (``reason``). "Busy" is the share of the window a stage spent in its o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flux.config import Settings
@@ -45,6 +45,7 @@ RECYCLE_MARGIN = 0.8
 MAX_CAPACITY = 1_000_000
 MAX_BATCH = 50_000
 MAX_POOL = 256
+MAX_SINK_BATCH = 10_000
 WORKERS_OPTION = "flux run --workers"
 
 
@@ -61,6 +62,18 @@ class PluginSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkSettings:
+    """The settings of one configured sink that the report weighs its figures against."""
+
+    name: str
+    type: str
+    url: str
+    max_backlog_mb: float
+    batch_size: int
+    overflow: str
+
+
+@dataclass(frozen=True, slots=True)
 class TuningInputs:
     """The settings in force."""
 
@@ -68,6 +81,7 @@ class TuningInputs:
     batch_size: int
     pipeline_batch: int
     plugins: Mapping[str, PluginSettings]
+    sinks: Mapping[str, SinkSettings] = field(default_factory=dict)
 
 
 def inputs_for(settings: Settings, plugins: PluginManager, *, pipeline_batch: int) -> TuningInputs:
@@ -83,11 +97,24 @@ def inputs_for(settings: Settings, plugins: PluginManager, *, pipeline_batch: in
             after_executions=manifest.recycle.after_executions,
             memory_high_water_bytes=manifest.memory_high_water_bytes,
         )
+    sinks = {
+        name: SinkSettings(
+            name=name,
+            type=sink.type,
+            url=sink.url,
+            max_backlog_mb=sink.max_backlog_mb,
+            batch_size=sink.batch_size,
+            overflow=sink.overflow,
+        )
+        for name, sink in sorted(settings.sinks.items())
+        if sink.enabled
+    }
     return TuningInputs(
         eventbus_capacity=settings.eventbus.capacity,
         batch_size=settings.database.batch_size,
         pipeline_batch=pipeline_batch,
         plugins=loaded,
+        sinks=sinks,
     )
 
 
@@ -104,6 +131,7 @@ def tuning_report(
     store = _store(window, inputs)
     rules = _rules(window)
     plugins = _plugins(window, inputs)
+    sinks = _sinks(window)
     advice = [
         *_capacity_advice(bus, pipeline, store, inputs),
         *_workers_advice(bus, pipeline, store),
@@ -112,6 +140,7 @@ def tuning_report(
         *_executor_advice(plugins, inputs, window.seconds),
         *_memory_advice(plugins, inputs),
         *_rule_advice(rules),
+        *_sink_advice(sinks, inputs),
     ]
     return {
         "window_s": round(window.seconds, 3),
@@ -122,6 +151,7 @@ def tuning_report(
             "store": store,
             "rules": rules,
             "plugins": plugins,
+            "sinks": sinks,
         },
         "advice": advice,
     }
@@ -191,9 +221,10 @@ def _store(window: Window, inputs: TuningInputs) -> dict[str, Any]:
 
 
 def _rules(window: Window) -> dict[str, Any]:
-    """Rule cost as a whole, and each rule's evaluations, matches and errors (rules run fused
-    in one Lua call per batch, so ``seconds`` is not split per rule here)."""
+    """Rule cost as a whole, and each rule's evaluations, matches, errors and time (its share
+    of the batches' time, ``flux_rule_eval_seconds_total``), the costliest first."""
     evaluations = window.increase_by("flux_rule_evaluations_total", "rule")
+    rule_seconds = window.increase_by("flux_rule_eval_seconds_total", "rule")
     matches = window.increase_by("flux_rule_matches_total", "rule")
     errors: dict[str, dict[str, int]] = {}
     for rule in set(window.after.by("flux_rule_errors_total", "rule")):
@@ -204,7 +235,12 @@ def _rules(window: Window) -> dict[str, Any]:
     total = sum(evaluations.values())
     ranked = sorted(
         set(evaluations) | set(errors),
-        key=lambda rule: (-sum(errors.get(rule, {}).values()), -evaluations.get(rule, 0), rule),
+        key=lambda rule: (
+            -sum(errors.get(rule, {}).values()),
+            -rule_seconds.get(rule, 0.0),
+            -evaluations.get(rule, 0),
+            rule,
+        ),
     )
     by_rule = [
         {
@@ -212,6 +248,13 @@ def _rules(window: Window) -> dict[str, Any]:
             "evaluations": int(evaluations.get(rule, 0)),
             "matches": int(matches.get(rule, 0)),
             "errors": errors.get(rule, {}),
+            "seconds": _round(rule_seconds.get(rule, 0.0)),
+            "busy": _round(rule_seconds.get(rule, 0.0) / window.seconds),
+            "us_per_evaluation": (
+                _round(rule_seconds.get(rule, 0.0) / evaluations[rule] * 1e6)
+                if evaluations.get(rule)
+                else None
+            ),
         }
         for rule in ranked
     ]
@@ -222,6 +265,35 @@ def _rules(window: Window) -> dict[str, Any]:
         "us_per_evaluation": _round(seconds / total * 1e6) if total else None,
         "by_rule": by_rule,
     }
+
+
+def _sinks(window: Window) -> dict[str, dict[str, Any]]:
+    """Each sink's backlog (now, and how it grew), what it sent, and its failures and drops;
+    ``arriving_per_s`` is what it sent plus the backlog's growth, per second."""
+    after, before = window.after, window.before
+    found: dict[str, dict[str, Any]] = {}
+    for sink in sorted(after.by("flux_sink_backlog", "sink")):
+        backlog = after.value("flux_sink_backlog", sink=sink)
+        grown = backlog - before.value("flux_sink_backlog", sink=sink)
+        sent = window.increase("flux_sink_sent_total", sink=sink)
+        found[sink] = {
+            "backlog_rows": int(backlog),
+            "backlog_bytes": int(after.value("flux_sink_backlog_bytes", sink=sink)),
+            "backlog_growth": int(grown),
+            "oldest_age_s": _round(after.value("flux_sink_oldest_age_seconds", sink=sink)),
+            "sent": int(sent),
+            "sent_per_s": _round(sent / window.seconds),
+            "arriving_per_s": _round(max(0.0, sent + grown) / window.seconds),
+            "connected": bool(after.value("flux_sink_connected", sink=sink)),
+            "failures": {
+                reason: int(count)
+                for reason, count in sorted(
+                    window.increase_by("flux_sink_failures_total", "reason", sink=sink).items()
+                )
+            },
+            "dropped": int(window.increase("flux_sink_dropped_total", sink=sink)),
+        }
+    return found
 
 
 def _plugins(window: Window, inputs: TuningInputs) -> dict[str, Any]:
@@ -457,13 +529,19 @@ def _memory_advice(plugins: Mapping[str, Any], inputs: TuningInputs) -> list[dic
     return advice
 
 
+#: A rule whose evaluations take this share of one core is named in the advice.
+EXPENSIVE_RULE_BUSY = 0.10
+
+
 def _rule_advice(rules: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rules stopped at their instruction budget, time or memory limit: the most expensive
-    rules there are (each stopped evaluation cost the whole budget)."""
+    """Rules stopped at their instruction budget, time or memory limit (each stopped
+    evaluation cost the whole budget), and rules that take a large share of a core."""
     advice = []
     for rule in rules["by_rule"]:
         stopped = {k: n for k, n in rule["errors"].items() if k in ("timeout", "memory")}
         if not stopped:
+            if rule["busy"] >= EXPENSIVE_RULE_BUSY:
+                advice.append(_expensive_rule(rule, rules))
             continue
         count = sum(stopped.values())
         advice.append(
@@ -477,6 +555,88 @@ def _rule_advice(rules: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "in a row the rule is quarantined",
             )
         )
+    return advice
+
+
+def _expensive_rule(rule: Mapping[str, Any], rules: Mapping[str, Any]) -> dict[str, Any]:
+    share_of_rules = rule["seconds"] / rules["seconds"] if rules["seconds"] else 1.0
+    return _advice(
+        f"rule.{rule['rule']}",
+        f"{_share(rule['busy'])} of a core, {_num(rule['us_per_evaluation'])} us per "
+        f"evaluation ({rule['evaluations']} evaluations)",
+        "a cheaper condition or script, or a narrower topic filter",
+        f"it takes {_share(share_of_rules)} of the time all rules took "
+        f"({rule['seconds']:g} of {rules['seconds']:g} s), while the pipeline waits for each "
+        "batch's rules before the next",
+    )
+
+
+#: A backlog at this share of ``max_backlog_mb`` is about to block or drop.
+BACKLOG_NEARLY_FULL = 0.8
+
+
+def _sink_advice(
+    sinks: Mapping[str, Mapping[str, Any]], inputs: TuningInputs
+) -> list[dict[str, Any]]:
+    """Configured sinks that drop rows or whose backlog nears its bound, that reach nothing,
+    or (HTTP) that send slower than rows arrive."""
+    advice = []
+    for name, configured in inputs.sinks.items():
+        sink = sinks.get(name)
+        if sink is None:
+            continue
+        budget = configured.max_backlog_mb * 1024 * 1024
+        failures = sum(sink["failures"].values())
+        if sink["dropped"] or sink["backlog_bytes"] >= BACKLOG_NEARLY_FULL * budget:
+            advice.append(
+                _advice(
+                    f"sinks.{name}.max_backlog_mb",
+                    configured.max_backlog_mb,
+                    configured.max_backlog_mb * 2,
+                    f"the backlog holds {sink['backlog_rows']} rows, "
+                    f"{sink['backlog_bytes'] / budget:.0%} of max_backlog_mb, and "
+                    f"{sink['dropped']} rows were dropped in the window (overflow = "
+                    f"{configured.overflow}: at the bound "
+                    + (
+                        "the oldest rows are deleted unsent)"
+                        if configured.overflow == "drop_oldest"
+                        else "device messages wait unacknowledged)"
+                    )
+                    + "; a larger bound rides out a longer outage if the disk has room",
+                )
+            )
+        if not sink["connected"] and not sink["sent"] and (failures or sink["backlog_rows"]):
+            reasons = ", ".join(f"{k} {n}" for k, n in sink["failures"].items()) or "none"
+            advice.append(
+                _advice(
+                    f"sinks.{name}.url",
+                    configured.url,
+                    "a receiver that answers (check the address, credentials and TLS files)",
+                    f"nothing was delivered in the window and the sink is not connected; "
+                    f"failures: {reasons}; {sink['backlog_rows']} rows wait, the oldest "
+                    f"for {sink['oldest_age_s']:g} s (GET /api/v1/sinks/{name} has the last "
+                    "error)",
+                )
+            )
+        elif (
+            configured.type == "http"
+            and sink["connected"]
+            and sink["sent"]
+            and sink["backlog_growth"] > 0
+            and sink["arriving_per_s"] > sink["sent_per_s"]
+            and configured.batch_size < MAX_SINK_BATCH
+        ):
+            advice.append(
+                _advice(
+                    f"sinks.{name}.batch_size",
+                    configured.batch_size,
+                    min(MAX_SINK_BATCH, configured.batch_size * 4),
+                    f"rows arrive at {_rate(sink['arriving_per_s'])} and are sent at "
+                    f"{_rate(sink['sent_per_s'])}, one POST of at most "
+                    f"{configured.batch_size} rows at a time; the backlog grew by "
+                    f"{sink['backlog_growth']} rows. Larger batches mean fewer round trips",
+                )
+            )
     return advice
 
 
@@ -532,11 +692,25 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"receipt to commit p50 {_num(store['latency_ms_p50'])} ms, "
         f"p99 {_num(store['latency_ms_p99'])} ms"
     )
+    for rule in rules["by_rule"][:5]:
+        if rule["seconds"]:
+            lines.append(
+                f"rule      {rule['rule']}: busy {_share(rule['busy'])}, "
+                f"{_num(rule['us_per_evaluation'])} us per evaluation, "
+                f"{rule['evaluations']} evaluations, {rule['matches']} matches"
+            )
     for name, plugin in stages["plugins"].items():
         lines.append(
             f"plugin    {name}: {plugin['calls']} calls, busy {_share(plugin['busy'])}, hit "
             f"ratio {_share(plugin['hit_ratio'])}, {plugin['waits']} waited, "
             f"{plugin['exhausted']} exhausted"
+        )
+    for name, sink in stages.get("sinks", {}).items():
+        lines.append(
+            f"sink      {name}: {sink['backlog_rows']} rows waiting (oldest "
+            f"{sink['oldest_age_s']:g} s), sent {_rate(sink['sent_per_s'])}, "
+            f"{'connected' if sink['connected'] else 'NOT connected'}, "
+            f"{sum(sink['failures'].values())} failures, {sink['dropped']} dropped"
         )
     lines.append("")
     if not report["advice"]:
@@ -549,6 +723,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 __all__ = [
     "PluginSettings",
+    "SinkSettings",
     "TuningInputs",
     "format_report",
     "inputs_for",

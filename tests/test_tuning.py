@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flux.snapshot import MetricsSnapshot, Window
-from flux.tuning import PluginSettings, TuningInputs, format_report, tuning_report
+from flux.tuning import PluginSettings, SinkSettings, TuningInputs, format_report, tuning_report
 
 WINDOW_S = 100.0
 
@@ -223,3 +223,82 @@ def test_a_rule_stopped_at_its_limits_is_named() -> None:
     ranked = [rule["rule"] for rule in result["stages"]["rules"]["by_rule"]]
     assert ranked == ["slow", "typo", "fine"]
     assert "* rule.slow:" in format_report(result)
+
+
+def sink(name: str, **overrides: Any) -> SinkSettings:
+    values: dict[str, Any] = {
+        "name": name,
+        "type": "mqtt",
+        "url": "mqtts://cloud.example:8883",
+        "max_backlog_mb": 1.0,
+        "batch_size": 500,
+        "overflow": "block",
+    }
+    values.update(overrides)
+    return SinkSettings(**values)
+
+
+def sink_series(name: str, *, backlog: float, sent: float, **more: float) -> list[Any]:
+    series = [
+        s("flux_sink_backlog", backlog, sink=name),
+        s("flux_sink_backlog_bytes", more.get("bytes", backlog * 100), sink=name),
+        s("flux_sink_oldest_age_seconds", more.get("age", 0), sink=name),
+        s("flux_sink_sent_total", sent, sink=name),
+        s("flux_sink_connected", more.get("connected", 1), sink=name),
+    ]
+    if "failures" in more:
+        series.append(s("flux_sink_failures_total", more["failures"], sink=name, reason="connect"))
+    if "dropped" in more:
+        series.append(
+            s("flux_sink_dropped_total", more["dropped"], sink=name, reason="drop_oldest")
+        )
+    return series
+
+
+def test_a_sink_near_its_bound_or_dropping_asks_for_a_larger_backlog() -> None:
+    settings = inputs(sinks={"full": sink("full"), "drops": sink("drops", overflow="drop_oldest")})
+    before = [*sink_series("full", backlog=0, sent=0), *sink_series("drops", backlog=0, sent=0)]
+    after = [
+        *sink_series("full", backlog=9000, sent=100, bytes=900_000),
+        *sink_series("drops", backlog=10, sent=100, dropped=42),
+    ]
+    named = settings_named(report(before, after, settings))
+    full, drops = named["sinks.full.max_backlog_mb"], named["sinks.drops.max_backlog_mb"]
+    assert (full["current"], full["suggested"]) == (1.0, 2.0)
+    assert "86% of max_backlog_mb" in full["reason"] and "unacknowledged" in full["reason"]
+    assert "42 rows were dropped" in drops["reason"] and "deleted unsent" in drops["reason"]
+
+
+def test_a_sink_that_reaches_nothing_names_its_url_and_one_that_catches_up_nothing() -> None:
+    settings = inputs(sinks={"cloud": sink("cloud"), "fine": sink("fine")})
+    before = [*sink_series("cloud", backlog=0, sent=0), *sink_series("fine", backlog=50, sent=0)]
+    after = [
+        *sink_series("cloud", backlog=300, sent=0, connected=0, failures=12, age=95),
+        *sink_series("fine", backlog=0, sent=5000),
+    ]
+    result = report(before, after, settings)
+    named = settings_named(result)
+    assert set(named) == {"sinks.cloud.url"}
+    assert named["sinks.cloud.url"]["current"] == "mqtts://cloud.example:8883"
+    assert (
+        "failures: connect 12; 300 rows wait, the oldest for 95 s"
+        in named["sinks.cloud.url"]["reason"]
+    )
+    assert result["stages"]["sinks"]["fine"]["sent_per_s"] == 50
+    assert (
+        "sink      cloud: 300 rows waiting (oldest 95 s), sent 0.0/s, NOT connected"
+        in format_report(result)
+    )
+
+
+def test_an_http_sink_sending_slower_than_rows_arrive_asks_for_larger_batches() -> None:
+    settings = inputs(sinks={"ingest": sink("ingest", type="http", batch_size=1)})
+    before = sink_series("ingest", backlog=0, sent=0)
+    after = sink_series("ingest", backlog=2000, sent=1000)
+    named = settings_named(report(before, after, settings))
+    batch = named["sinks.ingest.batch_size"]
+    assert (batch["current"], batch["suggested"]) == (1, 4)
+    assert "rows arrive at 30.0/s and are sent at 10.0/s" in batch["reason"]
+    # An MQTT sink pipelines: its batch size is not the advice there.
+    mqtt = inputs(sinks={"ingest": sink("ingest", batch_size=1)})
+    assert settings_named(report(before, after, mqtt)) == {}

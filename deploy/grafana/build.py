@@ -123,11 +123,12 @@ def hit_rate() -> Stat:
     )
 
 
-def mqtt_connected() -> Stat:
+def up_down(title: str, description: str, expr: str, legend: str, down: str, up: str) -> Stat:
+    """A stat per series of a 0/1 gauge: red ``down`` text at 0, green ``up`` at 1."""
     return (
         Stat()
-        .title("MQTT connected")
-        .description("1 while the gateway has its session with the broker (MqttDisconnected).")
+        .title(title)
+        .description(description)
         .datasource(DATASOURCE)
         .span(8)
         .height(8)
@@ -138,8 +139,8 @@ def mqtt_connected() -> Stat:
             [
                 ValueMap(
                     options={
-                        "0": ValueMappingResult(text="disconnected", color="red"),
-                        "1": ValueMappingResult(text="connected", color="green"),
+                        "0": ValueMappingResult(text=down, color="red"),
+                        "1": ValueMappingResult(text=up, color="green"),
                     }
                 )
             ]
@@ -149,9 +150,18 @@ def mqtt_connected() -> Stat:
             .mode(ThresholdsMode.ABSOLUTE)
             .steps([Threshold(value=None, color="red"), Threshold(value=1, color="green")])
         )
-        .with_target(
-            query(f"min by (instance) (flux_mqtt_connected{{{INST}}})", "{{instance}}", "A")
-        )
+        .with_target(query(expr, legend, "A"))
+    )
+
+
+def mqtt_connected() -> Stat:
+    return up_down(
+        "MQTT connected",
+        "1 while the gateway has its session with the broker (MqttDisconnected).",
+        f"min by (instance) (flux_mqtt_connected{{{INST}}})",
+        "{{instance}}",
+        "disconnected",
+        "connected",
     )
 
 
@@ -159,8 +169,7 @@ def quantile(q: float, histogram: str, by: str = "", where: str = "") -> str:
     labels = f"{INST}, {where}" if where else INST
     group = f"{by}, le" if by else "le"
     return (
-        f"histogram_quantile({q}, sum by ({group}) "
-        f"(rate({histogram}_bucket{{{labels}}}[{RATE}])))"
+        f"histogram_quantile({q}, sum by ({group}) (rate({histogram}_bucket{{{labels}}}[{RATE}])))"
     )
 
 
@@ -268,16 +277,28 @@ def rules_row() -> Section:
                 (f"max(flux_rules_quarantined{{{INST}}})", "quarantined rules"),
             ),
             chart(
-                "Rule cost",
+                "Rule cost per evaluation",
                 "s",
                 (
-                    f"sum(rate(flux_rule_eval_seconds_sum{{{INST}}}[{RATE}])) / "
-                    f"sum(rate(flux_rule_evaluations_total{{{INST}}}[{RATE}]))",
-                    "per evaluation",
+                    f"sum by (rule) (rate(flux_rule_eval_seconds_total{{{INST}}}[{RATE}])) / "
+                    f"sum by (rule) (rate(flux_rule_evaluations_total{{{INST}}}[{RATE}]))",
+                    "{{rule}}",
                 ),
-                (quantile(0.99, "flux_rule_eval_seconds"), "p99 per batch"),
-                description="Rules are evaluated fused, one Lua call per batch: time per "
-                "rule evaluation on average, and the p99 of one batch.",
+                (quantile(0.99, "flux_rule_eval_seconds"), "p99 of one batch (all rules)"),
+                description="Rules are evaluated fused, one Lua call per batch; each batch's "
+                "time is split among its rules by the Lua work each did (sampled), see the "
+                "README. Time per evaluation of each rule, and the p99 of a whole batch.",
+                width=12,
+            ),
+            chart(
+                "Rule time per rule",
+                "percentunit",
+                (
+                    f"sum by (rule) (rate(flux_rule_eval_seconds_total{{{INST}}}[{RATE}]))",
+                    "{{rule}}",
+                ),
+                description="Share of one core each rule takes (flux_rule_eval_seconds_total): "
+                "the costliest rules stand out here.",
                 width=12,
             ),
             chart(
@@ -286,7 +307,7 @@ def rules_row() -> Section:
                 (f"sum(rate(flux_rule_eval_seconds_sum{{{INST}}}[{RATE}]))", "rules"),
                 (f"sum(rate(flux_plugin_call_seconds_sum{{{INST}}}[{RATE}]))", "plugins"),
                 description="Share of one core spent evaluating rules and in plugin calls.",
-                width=12,
+                width=24,
             ),
         ],
     )
@@ -396,20 +417,91 @@ def store_row() -> Section:
     )
 
 
+def sink_connected() -> Stat:
+    return up_down(
+        "Sinks connected",
+        "1 while a sink reaches its receiver (its last send worked).",
+        f"min by (sink) (flux_sink_connected{{{INST}}})",
+        "{{sink}}",
+        "down",
+        "up",
+    ).span(6)
+
+
+def sinks_row() -> Section:
+    return (
+        "Sinks",
+        [
+            chart(
+                "Sink backlog",
+                "short",
+                (f"sum by (sink) (flux_sink_backlog{{{INST}}})", "{{sink}} rows"),
+                description="Rows in the outbox waiting for each sink's receiver.",
+                width=6,
+            ),
+            chart(
+                "Sink backlog bytes",
+                "bytes",
+                (f"sum by (sink) (flux_sink_backlog_bytes{{{INST}}})", "{{sink}}"),
+                description="Against sinks.<name>.max_backlog_mb: at it, overflow = block "
+                "stops acknowledging device messages, drop_oldest drops the oldest rows.",
+                width=6,
+            ),
+            chart(
+                "Oldest row waiting",
+                "s",
+                (f"max by (sink) (flux_sink_oldest_age_seconds{{{INST}}})", "{{sink}}"),
+                (
+                    f"max by (sink) (flux_sink_alert_after_seconds{{{INST}}})",
+                    "{{sink}} alert_after_s",
+                ),
+                description="SinkBacklogOld fires when the oldest row waits longer than the "
+                "sink's alert_after_s for 2 minutes.",
+                width=6,
+            ),
+            sink_connected(),
+            chart(
+                "Rows sent",
+                "ops",
+                (f"sum by (sink) (rate(flux_sink_sent_total{{{INST}}}[{RATE}]))", "{{sink}}"),
+                width=8,
+            ),
+            chart(
+                "Send failures",
+                "ops",
+                (
+                    f"sum by (sink, reason) (rate(flux_sink_failures_total{{{INST}}}[{RATE}]))",
+                    "{{sink}}: {{reason}}",
+                ),
+                description="Each failed send is retried with a capped backoff.",
+                width=8,
+            ),
+            chart(
+                "Rows dropped",
+                "ops",
+                (
+                    f"sum by (sink, reason) (rate(flux_sink_dropped_total{{{INST}}}[{RATE}]))",
+                    "{{sink}}: {{reason}}",
+                ),
+                description="drop_oldest over max_backlog_mb, or a webhook given up.",
+                width=8,
+            ),
+        ],
+    )
+
+
 def build() -> Dashboard:
     dashboard = (
         Dashboard("flux")
         .uid("flux-gateway")
-        .description("The flux IoT gateway: ingest, bus, rules, plugins, database, MQTT.")
+        .description("The flux IoT gateway: ingest, bus, rules, plugins, sinks, database, MQTT.")
         .tags(["flux", "iot", "mqtt"])
         .editable()
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .refresh("30s")
         .time("now-1h", "now")
         .timezone("browser")
-        .with_variable(
-            DatasourceVariable("datasource").label("Data source").type("prometheus")
-        )
+        .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(
             QueryVariable("instance")
             .label("Instance")
@@ -423,7 +515,8 @@ def build() -> Dashboard:
         )
     )
     panel_id = 0
-    for title, panels in (events_row(), rules_row(), plugins_row(), store_row()):
+    rows = (events_row(), rules_row(), plugins_row(), sinks_row(), store_row())
+    for title, panels in rows:
         panel_id += 1
         dashboard = dashboard.with_row(Row(title).id(panel_id).collapsed(False))
         for panel in panels:

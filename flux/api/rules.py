@@ -1,4 +1,4 @@
-"""Rules over HTTP: list, CRUD (database rules), enable/disable, test, reload."""
+"""Rules over HTTP: list, CRUD (database rules), enable/disable, test, trace, reload."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ class RuleTestRequest(BaseModel):
         if (self.payload is None) == (self.events is None):
             raise ValueError("give either 'payload' (one message) or 'events' (a window test)")
         return self
+
+
+class RuleTraceRequest(BaseModel):
+    count: int = Field(default=20, ge=1, le=1000, description="evaluations to collect")
+    timeout_s: float = Field(
+        default=30, gt=0, le=300, description="return what came by then (complete: false)"
+    )
 
 
 def _status(engine: RuleEngine, rule_id: str) -> dict[str, Any]:
@@ -189,6 +196,22 @@ async def test_rule(
     assert body.payload is not None
     result = await engine.test_rule(rule, body.payload, body.topic, device_id=body.device_id)
     return result.to_dict()
+
+
+@router.post(
+    "/rules/{rule_id}/trace",
+    responses={
+        404: {"description": "no active rule of that id"},
+        409: {"description": "too many traces running"},
+    },
+)
+async def trace_rule(
+    engine: Rules, rule_id: RuleId, body: RuleTraceRequest | None = None
+) -> dict[str, Any]:
+    """The next ``count`` evaluations of a rule on live traffic: input, result, output,
+    time and error of each, read from the batches the gateway evaluates anyway."""
+    request = body or RuleTraceRequest()
+    return await engine.trace(rule_id, request.count, request.timeout_s)
 
 
 @router.post("/rules/reload")

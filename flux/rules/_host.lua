@@ -48,9 +48,25 @@ local function where()
   SITE[1], SITE[2] = false, false
 end
 
+-- WORK[rule] = budget units (instructions and charged C work) spent in that rule this batch:
+-- each hook firing adds its TICK to the rule running then, so a rule's share of the batch's
+-- time can be told although rules run fused. The first firing of a batch comes after a random
+-- part of TICK (PHASE), so a batch of alike events is not always sampled at the same spot.
+local WORK = {}
+local PHASE = {0}
+local m_random = math.random
+
 local function hook()
-  local used = METER[1] + TICK
+  local tick = TICK
+  if PHASE[1] > 0 then
+    tick = PHASE[1]
+    PHASE[1] = 0
+    debug_sethook(hook, "", TICK)
+  end
+  local used = METER[1] + tick
   METER[1] = used
+  local rule = used // METER_SHIFT
+  WORK[rule] = (WORK[rule] or 0) + tick
   local spent = used % METER_SHIFT
   if spent > BUDGET then where(); error(BUDGET_ERR, 0) end
   if spent >= SLOW then
@@ -65,8 +81,11 @@ end
 
 local function charge(units)
   if units > BUDGET then where(); error(BUDGET_ERR, 0) end
-  local used = METER[1] + m_floor(units)
+  units = m_floor(units)
+  local used = METER[1] + units
   METER[1] = used
+  local rule = used // METER_SHIFT
+  WORK[rule] = (WORK[rule] or 0) + units
   if used % METER_SHIFT > BUDGET then where(); error(BUDGET_ERR, 0) end
 end
 
@@ -253,14 +272,18 @@ local E = setmetatable({}, {
 -- Per-device state: one bounded table per (rule id, device id); oldest device evicted first.
 ---------------------------------------------------------------------------------------------
 local STATES = {}
+-- What changed since the host last handed changes out (``take_state_changes``): state
+-- tables written to (DIRTY) and devices evicted (EVICTED), so only they are written back.
+local DIRTY, EVICTED = {}, {}
+local OWNER = setmetatable({}, {__mode = "k"})   -- state table -> {rule id, device, data}
 
-local function new_state()
+local function new_state(rule_id, device)
   local data, count = {}, 0
-  return setmetatable({}, {
+  local st = setmetatable({}, {
     __index = data, __metatable = false,
     __pairs = function() return next, data, nil end,
     __len = function() return #data end,
-    __newindex = function(_, key, value)
+    __newindex = function(t, key, value)
       local kt, vt = type(key), type(value)
       if kt ~= "string" and kt ~= "number" then error("state keys must be strings or numbers", 2) end
       if vt == "table" or vt == "function" or vt == "thread" or vt == "userdata" then
@@ -277,8 +300,11 @@ local function new_state()
         count = count - 1
       end
       data[key] = value
+      DIRTY[t] = true
     end,
   })
+  OWNER[st] = {rule_id, device, data}
+  return st
 end
 
 local function state_for(rule_id, device)
@@ -290,7 +316,7 @@ local function state_for(rule_id, device)
   end
   local st = s.map[device]
   if st == nil then
-    st = new_state()
+    st = new_state(rule_id, device)
     s.map[device] = st
     local tail = s.tail + 1
     s.tail = tail
@@ -299,7 +325,10 @@ local function state_for(rule_id, device)
       local oldest = s.queue[s.head]
       s.queue[s.head] = nil
       s.head = s.head + 1
+      local evicted = s.map[oldest]
       s.map[oldest] = nil
+      DIRTY[evicted] = nil
+      EVICTED[#EVICTED + 1] = {rule_id, oldest}
     end
   end
   return st
@@ -313,9 +342,38 @@ end
 
 local function drop_state(rule_id) STATES[rule_id] = nil end
 
+-- Load a device's state (from the database, or a rule test's sample) without marking it
+-- changed.
 local function seed_state(rule_id, device, values)
   local st = state_for(rule_id, device)
   for key, value in next, values do st[key] = value end
+  DIRTY[st] = nil
+end
+
+-- Whether this host holds ``device``'s state for ``rule_id`` (one seen or loaded).
+local function has_state(rule_id, device)
+  local s = STATES[rule_id]
+  return s ~= nil and s.map[device] ~= nil
+end
+
+-- The state changed since the last call, as a list of {rule id, device, data} (data false
+-- for an evicted device), and forget it. Rule tests' states (ids from "\0") are left out.
+local function take_state_changes()
+  local changes = {}
+  for st in next, DIRTY do
+    local owner = OWNER[st]
+    if owner ~= nil and s_byte(owner[1], 1) ~= 0 then
+      local copy = {}
+      for key, value in next, owner[3] do copy[key] = value end
+      changes[#changes + 1] = {owner[1], owner[2], copy}
+    end
+  end
+  for i = 1, #EVICTED do
+    local evicted = EVICTED[i]
+    if s_byte(evicted[1], 1) ~= 0 then changes[#changes + 1] = {evicted[1], evicted[2], false} end
+  end
+  DIRTY, EVICTED = {}, {}
+  return changes
 end
 
 local function state_devices(rule_id)
@@ -349,7 +407,7 @@ local function generic_group(functions, masks, first, last, ids, uses_state, is_
       VMT.__index = payload; MSGMT.__index = payload
       V.topic = batch[base + 2]; V.device_id = device; V.received_at = batch[base + 4]
       local mask = masks[batch[base + 5]]
-      POS[1] = i
+      POS[1] = i; METER[1] = 0
       for rule = first, last do
         if mask[rule] then
           METER[1] = rule * METER_SHIFT
@@ -386,7 +444,8 @@ end
 
 -- Returns, per match, its code (event position * RULE_CODE + rule index) and a script's output
 -- table; the failures (6 values each: event position, rule index, kind, message, source, line);
--- per rule, how many when-conditions met an undefined value; the rules quarantined just now.
+-- per rule, how many when-conditions met an undefined value; the rules quarantined just now;
+-- per rule, the budget units it spent (WORK).
 local function run(ruleset, batch, n, used_plans)
   local codes, outputs, failures, undefined, quarantined, last_failed = {}, {}, {}, {}, {}, {}
   local functions, masks, consecutive = ruleset.functions, ruleset.masks, ruleset.consecutive
@@ -427,7 +486,9 @@ local function run(ruleset, batch, n, used_plans)
 
   SERIAL[1] = SERIAL[1] + 1
   METER[1] = 0
-  debug_sethook(hook, "", TICK)
+  WORK = {}
+  PHASE[1] = m_random(1, TICK)
+  debug_sethook(hook, "", PHASE[1])
   local groups = ruleset.groups
   for g = 1, #groups do
     local group = groups[g]
@@ -480,7 +541,8 @@ local function run(ruleset, batch, n, used_plans)
       end
     end
   end
-  return codes, outputs, failures, undefined, quarantined
+  WORK[0] = nil  -- units spent between rules (the event loop itself) are no rule's
+  return codes, outputs, failures, undefined, quarantined, WORK
 end
 
 local function memory_kib() return collectgarbage("count") end
@@ -493,6 +555,7 @@ if package and package.loaded then package.loaded.python = nil end
 return {
   compile = compile, instantiate = instantiate, generic_group = generic_group, run = run,
   prune_states = prune_states, state_devices = state_devices, state_for = state_for,
-  drop_state = drop_state, seed_state = seed_state,
+  drop_state = drop_state, seed_state = seed_state, has_state = has_state,
+  take_state_changes = take_state_changes,
   memory_kib = memory_kib, full_gc = full_gc,
 }

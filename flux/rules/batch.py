@@ -22,6 +22,8 @@ _FAILURE_FIELDS = 6
 #: Largest number of values, and deepest nesting, of a script's output table.
 _MAX_OUTPUT_VALUES = 10_000
 _MAX_OUTPUT_DEPTH = 32
+#: Budget units an evaluation counts for at least: about what the cheapest ``when`` runs.
+EVALUATION_FLOOR = 10
 
 
 class RuleMatch(NamedTuple):
@@ -80,6 +82,35 @@ class BatchOutcome:
     evaluations: dict[int, int] = field(default_factory=dict)
     matched: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
+    #: The part of ``elapsed`` window rules spent on the batch's events, by rule index.
+    window_seconds: dict[int, float] = field(default_factory=dict)
+    #: Budget units (Lua instructions, sampled, and charged C work) each rule spent.
+    work: dict[int, int] = field(default_factory=dict)
+    #: What the batch was evaluated from, kept for rule traces: the events some rule applied
+    #: to, their rows as Lua got them (the fifth value of each is its plan) and the rules of
+    #: each plan.
+    chosen: list[Event] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)
+    plan_rules: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def seconds_by_rule(self) -> dict[int, float]:
+        """Split ``elapsed`` among the rules by the work each did.
+
+        A rule's share is its sampled budget units plus ``EVALUATION_FLOOR`` per evaluation
+        (a rule cheaper than one sampling tick still costs something); the shares add up to
+        ``elapsed``.
+        """
+        weights = {
+            rule_index: self.work.get(rule_index, 0) + EVALUATION_FLOOR * count
+            for rule_index, count in self.evaluations.items()
+        }
+        total = sum(weights.values())
+        windows = self.window_seconds
+        lua = self.elapsed - sum(windows.values())
+        shares = {index: lua * w / total for index, w in weights.items()} if total else {}
+        for rule_index, seconds in windows.items():
+            shares[rule_index] = shares.get(rule_index, 0.0) + seconds
+        return shares
 
 
 def evaluate(ruleset: Ruleset, events: Sequence[Event]) -> BatchOutcome:
@@ -93,10 +124,12 @@ def evaluate(ruleset: Ruleset, events: Sequence[Event]) -> BatchOutcome:
     if not chosen:
         return outcome
     sandbox = ruleset.sandbox
-    codes, outputs, failures, undefined, quarantined = sandbox.host.run(
+    codes, outputs, failures, undefined, quarantined, work = sandbox.host.run(
         ruleset.lua, sandbox.table(rows), len(chosen), sandbox.table(list(plans))
     )
     outcome.elapsed = time.perf_counter() - started
+    outcome.work = dict(work.items())
+    outcome.chosen, outcome.rows, outcome.plan_rules = chosen, rows, ruleset.plan_rules
     _count_evaluations(outcome, ruleset, plans)
     _decode_matches(outcome, ruleset, chosen, list(codes.values()), outputs)
     _decode_failures(outcome, ruleset, chosen, list(failures.values()))
@@ -226,4 +259,4 @@ def _is_sequence(keys: list[Any]) -> bool:
     return integers and sorted(keys) == list(range(1, len(keys) + 1))
 
 
-__all__ = ["BatchOutcome", "RuleFailure", "RuleMatch", "evaluate", "to_python"]
+__all__ = ["EVALUATION_FLOOR", "BatchOutcome", "RuleFailure", "RuleMatch", "evaluate", "to_python"]

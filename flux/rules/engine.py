@@ -22,7 +22,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from flux.coalesce import Coalescer
 from flux.config import RulesConfig
-from flux.errors import NotReady
+from flux.errors import NotFound, NotReady
 from flux.events import Event
 from flux.rules import metrics
 from flux.rules.batch import BatchOutcome, RuleMatch
@@ -44,7 +44,7 @@ from flux.rules.sandbox import (
     DEFAULT_TIME_LIMIT_S,
     LuaSandbox,
 )
-from flux.rules.state import StateRow
+from flux.rules.state import StateRow, fingerprint
 from flux.rules.stats import RuleStats, RuleStatus
 from flux.rules.testing import (
     RuleTestResult,
@@ -53,6 +53,7 @@ from flux.rules.testing import (
     run_test,
     run_window_test,
 )
+from flux.rules.trace import RuleTraces
 from flux.rules.windows import WindowStore, evaluate_closed
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 RuleSource = Iterable[Rule] | Callable[[], Awaitable[Iterable[Rule]]]
+#: Reads the script state of devices this process has not seen (another instance may have
+#: handled them): device ids -> their rows.
+StateLoader = Callable[[Collection[str]], Awaitable[list[StateRow]]]
+#: Devices remembered as looked up; past this the memory starts again (a lookup costs one
+#: query, and never overwrites a device's state held in memory).
+_SEEN_DEVICES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +184,11 @@ class RuleEngine:
         self._reloads: Coalescer[ReloadReport] = Coalescer()
         self._pending_source: RuleSource | None = None
         self._stats = RuleStats()
+        self._traces = RuleTraces()
+        self._state_loader: StateLoader | None = None
+        self._seen_devices: set[str] = set()
+        self._state_changes: list[StateRow] = []
+        self._fingerprints: dict[str, str] = {}
         self._windows = WindowStore()
 
     @classmethod
@@ -315,10 +327,16 @@ class RuleEngine:
         )
 
     def _cleanup(self, ruleset: Ruleset, result: CompiledRules) -> None:
-        """Forget compiled rules and per-device state that no rule uses any more."""
+        """Forget compiled rules, and per-device state that no rule uses any more or whose
+        rule's condition or script changed (a changed rule starts afresh)."""
         sandbox, cache, _ = self._require()
         cache.retain(result.keys())
         sandbox.prune_states({rule.id for rule in ruleset.rules})
+        fingerprints = {rule.id: fingerprint(rule) for rule in ruleset.rules}
+        for rule_id, old in self._fingerprints.items():
+            if fingerprints.get(rule_id, old) != old:
+                sandbox.host.drop_state(rule_id)
+        self._fingerprints = fingerprints
 
     async def unquarantine(self, rule_id: str) -> bool:
         """Put a quarantined rule back into service (effective from the next batch)."""
@@ -328,9 +346,12 @@ class RuleEngine:
         ruleset = self._ruleset
         if ruleset is None or rule_id not in ruleset.index:
             return False
-        if not ruleset.unquarantine(ruleset.index[rule_id]):
+        rule_index = ruleset.index[rule_id]
+        if not ruleset.unquarantine(rule_index):
             return False
         self._stats.unquarantined(ruleset, rule_id)
+        rule = ruleset.rules[rule_index - 1]
+        self._state_changes.append(StateRow(rule_id, "quarantine", "", fingerprint(rule), None))
         return True
 
     # ------------------------------------------------------------------ evaluation
@@ -344,22 +365,51 @@ class RuleEngine:
         _sandbox, _cache, ruleset = self._require()
         if not events or not ruleset.rules:
             return []
-        outcome = await self._call(self._evaluate, ruleset, events)
+        if ruleset.stateful and self._state_loader is not None:
+            await self._load_unseen(events)
+        outcome, changes = await self._call(self._evaluate, ruleset, events)
+        self._state_changes.extend(changes)
         self._stats.record(ruleset, outcome)
+        if self._traces:
+            self._traces.record(ruleset, outcome)
         return outcome.matches
 
-    def _evaluate(self, ruleset: Ruleset, events: Sequence[Event]) -> BatchOutcome:
-        """Add ``events`` to their windows, then evaluate them and the windows that closed."""
+    def _evaluate(
+        self, ruleset: Ruleset, events: Sequence[Event]
+    ) -> tuple[BatchOutcome, list[StateRow]]:
+        """Evaluate on the Lua thread (``events`` and the windows they or the clock closed),
+        and take the state the batch changed there too."""
         windows = self._windows
-        if not windows:
-            return evaluate_closed(ruleset, events, (), 0.0)
-        now = time.time()
-        started = time.perf_counter()
-        closed = windows.add(events, now)
-        took = time.perf_counter() - started
-        outcome = evaluate_closed(ruleset, events, closed, now)
-        outcome.elapsed += took  # the rules' cost includes the windows'
-        return outcome
+        if windows:
+            now = time.time()
+            closed = windows.add(events, now)
+            outcome = evaluate_closed(ruleset, events, closed, now)
+            index = ruleset.index
+            spent = {index[r]: s for r, s in windows.seconds.items() if r in index}
+            outcome.window_seconds = spent
+            outcome.elapsed += sum(spent.values())  # the rules' cost includes the windows'
+        else:
+            outcome = evaluate_closed(ruleset, events, (), 0.0)
+        changes = self._quarantine_rows(ruleset, outcome)
+        if ruleset.stateful:
+            for change in ruleset.sandbox.host.take_state_changes().values():
+                rule_id, device, data = change[1], change[2], change[3]
+                rule_index = ruleset.index.get(rule_id)
+                if rule_index is not None:
+                    rule = ruleset.rules[rule_index - 1]
+                    value = dict(data.items()) if data else None
+                    changes.append(StateRow(rule_id, "script", device, fingerprint(rule), value))
+        return outcome, changes
+
+    @staticmethod
+    def _quarantine_rows(ruleset: Ruleset, outcome: BatchOutcome) -> list[StateRow]:
+        """The state rows of the rules ``outcome`` quarantined."""
+        rows = []
+        for rule_index in outcome.quarantined:
+            rule = ruleset.rules[rule_index - 1]
+            at = {"at": time.time()}
+            rows.append(StateRow(rule.id, "quarantine", "", fingerprint(rule), at))
+        return rows
 
     async def close_windows(self, now: float | None = None) -> list[RuleMatch]:
         """Close the windows due at ``now`` (default: the clock), evaluate their ``when`` and
@@ -369,7 +419,10 @@ class RuleEngine:
         _sandbox, _cache, ruleset = self._require()
         outcome = await self._call(self._close_due, ruleset, now)
         if outcome.evaluations or outcome.failures:
+            self._state_changes.extend(self._quarantine_rows(ruleset, outcome))
             self._stats.record(ruleset, outcome)
+            if self._traces:
+                self._traces.record(ruleset, outcome)
         return outcome.matches
 
     def _close_due(self, ruleset: Ruleset, now: float | None) -> BatchOutcome:
@@ -399,6 +452,74 @@ class RuleEngine:
         """Load window state rows (after a reload, before events flow); rows of unknown
         rules or with another fingerprint are ignored. Return how many were loaded."""
         return self._windows.restore(rows)
+
+    def take_state_changes(self) -> list[StateRow]:
+        """The rule state changed since the last call (script state per device, quarantine):
+        the rows to commit with the batch's alerts."""
+        changes, self._state_changes = self._state_changes, []
+        for row in changes:
+            metrics.RULE_STATE_WRITES.labels(kind=row.kind).inc()
+        return changes
+
+    def load_state_with(self, loader: StateLoader) -> None:
+        """Read the state of devices first seen here through ``loader`` before their batch."""
+        self._state_loader = loader
+
+    async def _load_unseen(self, events: Sequence[Event]) -> None:
+        seen = self._seen_devices
+        unseen = {e.device_id for e in events if e.device_id is not None} - seen
+        if not unseen or self._state_loader is None:
+            return
+        rows = await self._state_loader(unseen)
+        if len(seen) + len(unseen) > _SEEN_DEVICES:
+            seen.clear()
+        seen.update(unseen)
+        if rows:
+            used = await self._call(self._restore, rows, False)
+            metrics.RULE_STATE_LOADED.labels(when="first_sight").inc(used)
+
+    async def restore_state(self, rows: Sequence[StateRow]) -> int:
+        """Load stored state (at start): script state of matching rules, window rules' open
+        windows, and quarantines.
+        Rows whose rule is gone or changed are ignored; return how many were used."""
+        used = await self._call(self._restore, rows, True)
+        metrics.RULE_STATE_LOADED.labels(when="start").inc(used)
+        return used
+
+    def _restore(self, rows: Sequence[StateRow], quarantines: bool) -> int:
+        sandbox, _cache, ruleset = self._require()
+        used = 0
+        for row in rows:
+            rule_index = ruleset.index.get(row.rule_id)
+            if rule_index is None or row.value is None:
+                continue
+            rule = ruleset.rules[rule_index - 1]
+            if row.fingerprint != fingerprint(rule):
+                continue
+            if row.kind == "script" and not sandbox.host.has_state(row.rule_id, row.key):
+                sandbox.host.seed_state(row.rule_id, row.key, sandbox.table(row.value))
+                used += 1
+            elif row.kind == "quarantine" and quarantines:
+                if rule_index not in ruleset.quarantined:
+                    ruleset.quarantine(rule_index)
+                self._stats.restored_quarantine(ruleset, rule)
+                used += 1
+            elif row.kind == "window" and quarantines:
+                used += self._windows.restore([row])
+        return used
+
+    @property
+    def tracing(self) -> bool:
+        """Whether a rule trace is open (and batches are handed to it)."""
+        return bool(self._traces)
+
+    async def trace(self, rule_id: str, count: int, timeout_s: float) -> dict[str, Any]:
+        """Return the next ``count`` evaluations of active rule ``rule_id`` on live traffic
+        (``complete`` false if ``timeout_s`` ran out first); see ``flux.rules.trace``."""
+        _sandbox, _cache, ruleset = self._require()
+        if rule_id not in ruleset.index:
+            raise NotFound(f"no active rule {rule_id!r}", rule_id=rule_id)
+        return await self._traces.trace(rule_id, count, timeout_s)
 
     # ------------------------------------------------------------------ single rules
 
@@ -454,4 +575,4 @@ class RuleEngine:
         )
 
 
-__all__ = ["ReloadReport", "RuleEngine", "RuleSource"]
+__all__ = ["ReloadReport", "RuleEngine", "RuleSource", "StateLoader"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric
+from prometheus_client.registry import Collector
 
 #: The ``kind`` labels of ``flux_rule_errors_total``.
 RULE_ERROR_KINDS = ("runtime", "timeout", "memory", "undefined")
@@ -27,6 +29,39 @@ RULE_EVAL_SECONDS = Histogram(
     "Wall time of one batched evaluation (all matching rules against one batch of events)",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
+
+
+class RuleSeconds(Collector):
+    """``flux_rule_eval_seconds_total{rule}``: each rule's share of the evaluation time.
+
+    A collector of its own because prometheus_client refuses a counter whose family name
+    (``flux_rule_eval_seconds``) is the histogram's; it is exposed untyped, and only grows.
+    """
+
+    NAME = "flux_rule_eval_seconds_total"
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, rule_id: str, seconds: float) -> None:
+        self.seconds[rule_id] = self.seconds.get(rule_id, 0.0) + seconds
+
+    def forget(self, rule_id: str) -> None:
+        self.seconds.pop(rule_id, None)
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(
+            self.NAME,
+            "Evaluation time attributed to each rule (its sampled share of each batch's time)",
+            "unknown",
+        )
+        for rule_id, seconds in list(self.seconds.items()):
+            metric.add_sample(self.NAME, {"rule": rule_id}, seconds)
+        yield metric
+
+
+RULE_SECONDS = RuleSeconds()
+REGISTRY.register(RULE_SECONDS)
 RULES_RELOAD = Counter(
     "flux_rules_reload_total", "Ruleset reloads by result (ok, partial, failed)", ["result"]
 )
@@ -34,6 +69,16 @@ ACTION_EXECUTIONS = Counter(
     "flux_action_executions_total",
     "Rule actions run, by action type and result (ok, error, unhandled, loop_cut)",
     ["type", "result"],
+)
+RULE_STATE_WRITES = Counter(
+    "flux_rule_state_writes_total",
+    "Rule state rows handed to the store (script state per device, windows, quarantines)",
+    ["kind"],
+)
+RULE_STATE_LOADED = Counter(
+    "flux_rule_state_loaded_total",
+    "Rule state rows read back: at start, or for a device first seen by this process",
+    ["when"],
 )
 RULE_LOOPS_CUT = Counter(
     "flux_rule_loops_cut_total", "Derived events dropped because their hop count exceeded the max"
@@ -70,6 +115,7 @@ def forget_window_rule(rule_id: str) -> None:
 
 def forget_rule(rule_id: str) -> None:
     """Drop the series of a rule that is gone, so dashboards stop showing it."""
+    RULE_SECONDS.forget(rule_id)
     for metric in (RULE_EVALUATIONS, RULE_MATCHES):
         with contextlib.suppress(KeyError):
             metric.remove(rule_id)
@@ -89,10 +135,14 @@ __all__ = [
     "RULE_EVAL_SECONDS",
     "RULE_LOOPS_CUT",
     "RULE_MATCHES",
+    "RULE_SECONDS",
+    "RULE_STATE_LOADED",
+    "RULE_STATE_WRITES",
     "WINDOWS_EMITTED",
     "WINDOWS_OPEN",
     "WINDOW_EVENTS_DROPPED",
     "WINDOW_GROUPS_EVICTED",
+    "RuleSeconds",
     "forget_rule",
     "forget_window_rule",
 ]

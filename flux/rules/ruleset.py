@@ -49,7 +49,7 @@ _HEADER = (
     "__fx_V.topic = __fx_batch[__fx_base + 2]; __fx_V.device_id = __fx_device; "
     "__fx_V.received_at = __fx_batch[__fx_base + 4]",
     "local __fx_mask = __fx_masks[__fx_batch[__fx_base + 5]]",
-    "__fx_POS[1] = __fx_i",
+    "__fx_POS[1] = __fx_i; __fx_meter[1] = 0",
 )
 _FOOTER = ("end", "return __fx_matched", "end")
 
@@ -164,6 +164,8 @@ class Ruleset:
         self._masks = sandbox.table({})
         self._consecutive = sandbox.table([0] * len(self.rules))
         self._ids = sandbox.table([state_prefix + rule.id for rule in self.rules])
+        #: Whether a rule keeps per-device ``state`` (its changes are written back).
+        self.stateful = any(rule.uses_state for rule in self.rules)
         self.groups: list[Group] = []
         lua_groups = [self._group(first, fuse, state_prefix) for first in self._group_starts()]
         #: The ruleset as the Lua host's ``run`` takes it.
@@ -265,10 +267,11 @@ class Ruleset:
         return True
 
     def _reset_plans(self) -> None:
-        """Forget every plan so they are rebuilt."""
+        """Forget every plan so they are rebuilt (a new ``plan_rules``: the outcome of a batch
+        already evaluated keeps the plans it used)."""
         self._topic_plan.clear()
         self._plans.clear()
-        self.plan_rules.clear()
+        self.plan_rules = {}
         for key in list(self._masks.keys()):
             self._masks[key] = None
 

@@ -32,6 +32,7 @@ class RuleStatus:
     failures: int = 0
     consecutive_failures: int = 0
     last_error: dict[str, Any] | None = None
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready description."""
@@ -44,6 +45,7 @@ class RuleStatus:
             "failures": self.failures,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
+            "seconds": round(self.seconds, 6),
         }
 
 
@@ -56,6 +58,7 @@ class _Counters:
     evaluations: int = 0
     matches: int = 0
     failures: int = 0
+    seconds: float = 0.0
     last_error: RuleFailure | None = None
 
 
@@ -104,6 +107,12 @@ class RuleStats:
         _set_gauges(ruleset.active_count, len(ruleset.quarantined))
         log.info("rule %s taken out of quarantine", rule_id)
 
+    def restored_quarantine(self, ruleset: Ruleset, rule: Rule) -> None:
+        """Note a quarantine read back from the database (it outlives restarts)."""
+        self._quarantined[rule.id] = rule.compile_key
+        _set_gauges(ruleset.active_count, len(ruleset.quarantined))
+        log.warning("rule %s is still quarantined (since before the restart)", rule.id)
+
     @staticmethod
     def closed() -> None:
         """Note that the engine stopped: no rule is active or quarantined."""
@@ -120,6 +129,10 @@ class RuleStats:
             counters = self._counters_for(rules[rule_index - 1].id)
             counters.evaluations += count
             counters.evaluated.inc(count)
+        for rule_index, seconds in outcome.seconds_by_rule().items():
+            rule_id = rules[rule_index - 1].id
+            self._counters_for(rule_id).seconds += seconds
+            metrics.RULE_SECONDS.add(rule_id, seconds)
         for rule_index, count in outcome.matched.items():
             counters = self._counters_for(rules[rule_index - 1].id)
             counters.matches += count
@@ -200,6 +213,7 @@ class RuleStats:
             evaluations=counters.evaluations,
             matches=counters.matches,
             failures=counters.failures,
+            seconds=counters.seconds,
             consecutive_failures=consecutive,
             last_error=last.to_dict() if last else None,
         )

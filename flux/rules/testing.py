@@ -119,6 +119,7 @@ def _evaluate_alone(
         return evaluate(ruleset, [event])
     finally:
         sandbox.host.drop_state(state_id)
+        sandbox.host.take_state_changes()  # a test's state is never written back
 
 
 def _result(rule: Rule, topic: str, outcome: BatchOutcome, elapsed: float) -> RuleTestResult:

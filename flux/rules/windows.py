@@ -16,21 +16,19 @@ Everything here runs on the engine's Lua thread; nothing is thread-safe on its o
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
-
-import orjson
 
 from flux.events import Event, json_bytes, new_event_id
 from flux.rules import metrics
 from flux.rules.batch import BatchOutcome, evaluate
 from flux.rules.model import Rule
 from flux.rules.ruleset import Ruleset
-from flux.rules.state import StateRow
+from flux.rules.state import StateRow, fingerprint
 from flux.topics import TopicMatcher
 
 #: Positions in a window's list: its bounds, events, first and last event time.
@@ -58,21 +56,6 @@ class ClosedWindow(NamedTuple):
     device_id: str | None
     event_id: str | None
     hops: int
-
-
-def fingerprint(rule: Rule) -> str:
-    """Return a digest of what a rule's window state depends on (not its actions or ``when``)."""
-    assert rule.window is not None
-    text = orjson.dumps(
-        {
-            "window": rule.window.model_dump(mode="json"),
-            "group_by": rule.group_by,
-            "select": rule.select,
-            "time_field": rule.time_field,
-        },
-        option=orjson.OPT_SORT_KEYS,
-    )
-    return hashlib.sha256(text).hexdigest()[:16]
 
 
 class _Layout(NamedTuple):
@@ -521,6 +504,8 @@ class WindowStore:
         self._order: list[RuleWindows] = []
         self._plans: dict[str, tuple[RuleWindows, ...]] = {}
         self._deleted: list[StateRow] = []
+        #: Seconds each rule's windows took over the last ``add``'s events, by rule id.
+        self.seconds: dict[str, float] = {}
 
     def __bool__(self) -> bool:
         return bool(self._rules)
@@ -579,17 +564,21 @@ class WindowStore:
                     buckets[plan] = [event]
                 else:
                     bucket.append(event)
+        per_rule: dict[RuleWindows, list[Event]]
         if len(buckets) == 1:
             [(plan, bucket)] = buckets.items()
-            for windows in plan:
-                closed.extend(windows.add(bucket, now))
-        elif buckets:
-            per_rule: dict[RuleWindows, list[Event]] = {}
+            per_rule = dict.fromkeys(plan, bucket)
+        else:
+            per_rule = {}
             for plan, bucket in buckets.items():
                 for windows in plan:
                     per_rule.setdefault(windows, []).extend(bucket)
-            for windows, bucket in per_rule.items():
-                closed.extend(windows.add(bucket, now))
+        seconds = self.seconds = {}
+        clock = time.perf_counter
+        for windows, bucket in per_rule.items():
+            started = clock()
+            closed.extend(windows.add(bucket, now))
+            seconds[windows.rule.id] = clock() - started
         return closed
 
     def due(self, now: float) -> list[ClosedWindow]:

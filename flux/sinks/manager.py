@@ -10,6 +10,7 @@ Events reach a configured sink when their topic matches its ``topics``, or throu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
@@ -28,7 +29,12 @@ from flux.ingest._gmqtt import MQTTv50
 from flux.metrics import DEGRADED
 from flux.rules import PublishAction, RuleMatch, WebhookAction, publish_message, webhook_request
 from flux.sinks.http import HttpTransport
-from flux.sinks.metrics import SINK_BACKLOG, SINK_BACKLOG_BYTES, SINK_OLDEST_AGE
+from flux.sinks.metrics import (
+    SINK_ALERT_AFTER,
+    SINK_BACKLOG,
+    SINK_BACKLOG_BYTES,
+    SINK_OLDEST_AGE,
+)
 from flux.sinks.mqtt import MqttSession, MqttTransport
 from flux.sinks.outbox import OutboxReader
 from flux.sinks.rows import OutboxRow, TopicTemplate, envelope, new_row_id, template_values
@@ -53,10 +59,14 @@ class Sink(Protocol):
     leased: bool
     backlog_rows: int
     backlog_bytes: int
+    max_bytes: int
     sent: int
 
     @property
     def error(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
 
     @property
     def full(self) -> bool: ...
@@ -200,9 +210,13 @@ class Sinks:
     async def __aenter__(self) -> Self:
         if self._monitor is not None:
             raise RuntimeError("the sinks are already running")
-        for sink in self._sinks.values():
+        for name, sink in self._sinks.items():
             await sink.__aenter__()
             self._started.append(sink)
+            # Read at each scrape (plain attributes): a snapshot never sees a stale backlog.
+            SINK_BACKLOG.labels(sink=name).set_function(functools.partial(_rows, sink))
+            SINK_BACKLOG_BYTES.labels(sink=name).set_function(functools.partial(_bytes, sink))
+            SINK_ALERT_AFTER.labels(sink=name).set(self._alert_after_s(name))
         DEGRADED.labels(reason="sink_backlog").set(0)
         self._monitor = asyncio.create_task(self._watch(), name="sinks:monitor")
         return self
@@ -317,11 +331,28 @@ class Sinks:
             "oldest_age_s": round(sink.oldest_age_s(), 3),
             "sent": sink.sent,
             "send_rate": round(sink.send_rate(), 1),
+            "max_backlog_bytes": sink.max_bytes,
+            "alert_after_s": self._alert_after_s(name),
             "paused": sink.paused,
             "sending": sink.leased,
             "full": sink.full,
+            "connected": sink.connected,
+            "state": self._state(name, sink),
             "last_error": sink.error,
         }
+
+    def _state(self, name: str, sink: Sink) -> str:
+        """One word for the dashboard: paused, full, failing, behind, sending or standby
+        (another process holds the sink's lease)."""
+        if sink.paused:
+            return "paused"
+        if sink.full:
+            return "full"
+        if sink.error:
+            return "failing"
+        if sink.oldest_age_s() > self._alert_after_s(name):
+            return "behind"
+        return "sending" if sink.leased else "standby"
 
     def pause(self, name: str) -> dict[str, Any]:
         self._get(name).pause()
@@ -356,12 +387,10 @@ class Sinks:
         return {name: age for name, age in ages.items() if age > self._alert_after_s(name)}
 
     async def _watch(self) -> None:
-        """Refresh the backlog gauges and ``flux_degraded{reason="sink_backlog"}``."""
+        """Refresh the oldest rows' ages and ``flux_degraded{reason="sink_backlog"}``."""
         gauge = DEGRADED.labels(reason="sink_backlog")
         while True:
             for name, sink in self._sinks.items():
-                SINK_BACKLOG.labels(sink=name).set(sink.backlog_rows)
-                SINK_BACKLOG_BYTES.labels(sink=name).set(sink.backlog_bytes)
                 SINK_OLDEST_AGE.labels(sink=name).set(sink.oldest_age_s())
             late = set(self._late())
             if late != self._backlogged:
@@ -374,6 +403,14 @@ class Sinks:
     def _alert_after_s(self, name: str) -> float:
         route = self._routes.get(name)
         return route.config.alert_after_s if route is not None else BaseSinkConfig().alert_after_s
+
+
+def _rows(sink: Sink) -> float:
+    return sink.backlog_rows
+
+
+def _bytes(sink: Sink) -> float:
+    return sink.backlog_bytes
 
 
 def _transport(name: str, config: MqttSinkConfig | HttpSinkConfig, *, gateway: str) -> Any:

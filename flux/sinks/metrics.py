@@ -11,6 +11,11 @@ SINK_BACKLOG_BYTES = Gauge(
 SINK_OLDEST_AGE = Gauge(
     "flux_sink_oldest_age_seconds", "Age of the sink's oldest undelivered row", ["sink"]
 )
+SINK_ALERT_AFTER = Gauge(
+    "flux_sink_alert_after_seconds",
+    "The sink's alert_after_s: its oldest row may wait this long before it counts as behind",
+    ["sink"],
+)
 SINK_SENT = Counter("flux_sink_sent_total", "Rows the sink's receiver confirmed", ["sink"])
 SINK_FAILURES = Counter(
     "flux_sink_failures_total",
@@ -27,6 +32,7 @@ SINK_CONNECTED = Gauge(
 )
 
 __all__ = [
+    "SINK_ALERT_AFTER",
     "SINK_BACKLOG",
     "SINK_BACKLOG_BYTES",
     "SINK_CONNECTED",

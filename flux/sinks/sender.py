@@ -206,6 +206,11 @@ class OrderedSink:
         return max(0.0, time.time() - row_created_at(min(candidates)))
 
     @property
+    def connected(self) -> bool:
+        """Whether the transport reaches the receiver."""
+        return self.transport.connected
+
+    @property
     def error(self) -> str:
         """The last failure to reach the receiver, while it lasts ("" once a send works)."""
         return self.last_error or self.transport.last_error
@@ -291,7 +296,7 @@ class OrderedSink:
 
     async def _send_what_fits(self) -> None:
         room = self.transport.window - len(self._outstanding)
-        while room > 0:
+        while room > 0 and not self.paused:  # a pause stops at the next batch
             rows = await self._next_rows(min(room, self.config.batch_size))
             if not rows:
                 return

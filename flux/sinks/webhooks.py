@@ -177,6 +177,7 @@ class WebhookSink:
         self.sent = 0
         self.last_error = ""
         self.connected = True
+        self.max_bytes = 0  # no size budget: bounded by dead-lettering after max_attempts
 
     @classmethod
     def from_config(

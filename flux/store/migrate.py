@@ -8,7 +8,9 @@ needs nothing from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,6 +28,9 @@ from flux.store.database import create_engine, sqlite_path
 if TYPE_CHECKING:
     from alembic.config import Config
 
+#: How long a gateway whose migration failed waits for another one migrating the same
+#: database at the same moment (two hosts started together on a new database).
+CONCURRENT_MIGRATION_S = 30.0
 _REVISION = re.compile(r"^(down_)?revision\b[^=]*=\s*['\"]?([\w-]+|None)", re.MULTILINE)
 
 
@@ -99,13 +104,30 @@ async def upgrade_async(config: DatabaseConfig, *, in_child: bool = False) -> No
     try:
         if await current_revision(config) == head_revision():
             return
-        await asyncio.to_thread(upgrade_in_child if in_child else upgrade, config)
+        try:
+            await asyncio.to_thread(upgrade_in_child if in_child else upgrade, config)
+        except Exception:
+            # Another gateway sharing the database may be migrating it at the same moment
+            # (both found it behind): wait for it to reach head before giving up.
+            if not await _reaches_head(config):
+                raise
     except Exception as exc:  # unreachable, refused, broken: the gateway cannot start
         where = make_url(config.url).render_as_string(hide_password=True)
         detail = (str(exc).strip().splitlines() or [""])[0]
         raise StoreUnavailable(
             f"cannot migrate the database at {where}: {type(exc).__name__}: {detail}"
         ) from exc
+
+
+async def _reaches_head(config: DatabaseConfig) -> bool:
+    """Whether the database reaches the head revision within ``CONCURRENT_MIGRATION_S``."""
+    deadline = time.monotonic() + CONCURRENT_MIGRATION_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if await current_revision(config) == head_revision():
+                return True
+        await asyncio.sleep(0.25)
+    return False
 
 
 __all__ = [

@@ -4,12 +4,39 @@ wait while a blocking sink's backlog is full."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from flux.events import Event
 from flux.sinks.rows import OutboxRow
+from flux.store.database import json_text
+
+
+def outbox_params(
+    rows: Sequence[OutboxRow], stamp: Callable[[float], Any]
+) -> list[tuple[Any, ...]]:
+    """``rows`` as the drivers' ``outbox`` insert parameters, in the table's column order
+    (``stamp`` turns a time into the driver's timestamp); cf. ``outbox_values``."""
+    return [
+        (
+            row.id,
+            row.sink,
+            row.device_id,
+            row.event_id,
+            row.rule_id,
+            row.topic,
+            row.payload,
+            None if row.headers is None else json_text(row.headers),
+            row.timeout_s,
+            row.qos,
+            row.retain,
+            row.hops,
+            created := stamp(row.created_at),
+            created,
+        )
+        for row in rows
+    ]
 
 
 class OutboxHooks(Protocol):
@@ -62,4 +89,4 @@ def outbox_values(row: OutboxRow) -> dict[str, Any]:
     }
 
 
-__all__ = ["NO_SINKS", "OutboxHooks", "outbox_values"]
+__all__ = ["NO_SINKS", "OutboxHooks", "outbox_params", "outbox_values"]

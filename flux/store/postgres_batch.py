@@ -20,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flux import faults
 from flux.events import Event
+from flux.rules.state import StateRow, state_params
 from flux.sinks.rows import OutboxRow
 from flux.store.database import json_text, payload_text, utc_datetime
+from flux.store.outbox import outbox_params
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch
 
 INSERT_EVENTS = (
@@ -49,6 +51,12 @@ INSERT_OUTBOX = (
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )
 DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ANY($1::varchar[])"
+UPSERT_RULE_STATE = (
+    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, value = excluded.value, updated_at = excluded.updated_at"
+)
+DELETE_RULE_STATE = "DELETE FROM rule_state WHERE rule_id = $1 AND kind = $2 AND key = $3"
 #: SQLSTATE classes meaning "the database is away", not "the data is wrong".
 _OUTAGE_CLASSES = ("08", "53", "57")
 
@@ -69,6 +77,7 @@ class PostgresBatchWriter:
         alerts: Sequence[dict[str, Any]] = (),
         outbox: Sequence[OutboxRow] = (),
         deletes: Sequence[str] = (),
+        state: Sequence[StateRow] = (),
     ) -> PreparedBatch:
         """The statement parameters of one batch (orjson may raise here)."""
         rows = [
@@ -98,31 +107,14 @@ class PostgresBatchWriter:
             )
             for alert in alerts
         ]
-        outbox_values = [
-            (
-                row.id,
-                row.sink,
-                row.device_id,
-                row.event_id,
-                row.rule_id,
-                row.topic,
-                row.payload,
-                None if row.headers is None else json_text(row.headers),
-                row.timeout_s,
-                row.qos,
-                row.retain,
-                row.hops,
-                created := utc_datetime(row.created_at),
-                created,
-            )
-            for row in outbox
-        ]
-        return rows, summaries, alert_values, outbox_values, list(deletes)
+        outbox_rows = outbox_params(outbox, utc_datetime)
+        upserts, removed = state_params(state, utc_datetime) if state else ([], [])
+        return rows, summaries, alert_values, outbox_rows, list(deletes), upserts, removed
 
     async def commit(self, prepared: PreparedBatch) -> None:
         """Insert the events, alerts and outbox rows, upsert the devices and delete the
         delivered outbox rows of ``prepare`` in one transaction; raise SQLAlchemy errors."""
-        rows, summaries, alert_values, outbox_values, deletes = prepared
+        rows, summaries, alert_values, outbox_rows, deletes, state, state_deletes = prepared
         conn = await self._engine.connect()
         try:
             raw = await conn.get_raw_connection()
@@ -135,10 +127,14 @@ class PostgresBatchWriter:
                         await driver.executemany(UPSERT_DEVICES, summaries)
                     if alert_values:
                         await driver.executemany(INSERT_ALERTS, alert_values)
-                    if outbox_values:
-                        await driver.executemany(INSERT_OUTBOX, outbox_values)
+                    if outbox_rows:
+                        await driver.executemany(INSERT_OUTBOX, outbox_rows)
                     if deletes:
                         await driver.execute(DELETE_OUTBOX, deletes)
+                    if state:
+                        await driver.executemany(UPSERT_RULE_STATE, state)
+                    if state_deletes:
+                        await driver.executemany(DELETE_RULE_STATE, state_deletes)
                     faults.hit("db_io_error")
                     faults.hit("disk_full")
                     faults.hit("before_commit")

@@ -1,4 +1,5 @@
-"""What rides on the store's next event batch: alert rows, outbox rows and outbox deletions.
+"""What rides on the store's next event batch: alert rows, outbox rows, rule state and outbox
+deletions.
 
 The pipeline queues the rows its actions produce (an alert, a publish, a webhook, a
 forward), each group with the hook to call once it is committed; the sinks queue the ids
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flux.rules.state import StateRow
 from flux.sinks.rows import OutboxRow
 
 
@@ -22,6 +24,7 @@ class Riders:
 
     alerts: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
+    state: list[StateRow] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
     confirms: list[Callable[[], None]] = field(default_factory=list)
 
@@ -30,10 +33,12 @@ class Riders:
         *,
         alerts: Sequence[dict[str, Any]] = (),
         outbox: Sequence[OutboxRow] = (),
+        state: Sequence[StateRow] = (),
         confirm: Callable[[], None],
     ) -> None:
         self.alerts.extend(alerts)
         self.outbox.extend(outbox)
+        self.state.extend(state)
         self.confirms.append(confirm)
 
     @property

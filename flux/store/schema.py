@@ -149,6 +149,30 @@ sink_leases = Table(
     Column("expires_at", Timestamp, nullable=False),
 )
 
+#: Rule state that outlives a process (``flux.rules.state``): a script rule's ``state`` per
+#: device, a window rule's open windows per group, a rule's quarantine. ``fingerprint`` names
+#: what the state depends on; a row whose rule changed is dropped at load.
+rule_state = Table(
+    "rule_state",
+    metadata,
+    Column("rule_id", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(32), nullable=False),
+    Column("value", JsonType, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+#: One row (id 1): bumped by every change to the rules (API writes, reloads), so every
+#: gateway sharing the database reloads (``flux.rules.sync``).
+ruleset_version = Table(
+    "ruleset_version",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("changed_at", Timestamp, nullable=False),
+)
+
 __all__ = [
     "alerts",
     "dead_letters",
@@ -157,6 +181,8 @@ __all__ = [
     "metadata",
     "outbox",
     "plugins",
+    "rule_state",
     "rules",
+    "ruleset_version",
     "sink_leases",
 ]

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from flux import faults
 from flux.events import Event
+from flux.rules.state import StateRow, state_params
 from flux.sinks.rows import OutboxRow
 from flux.store.database import (
     SQLITE_BUSY_TIMEOUT_MS,
@@ -40,8 +41,16 @@ from flux.store.database import (
     payload_text,
     utc_datetime,
 )
+from flux.store.outbox import outbox_params
 
 T = TypeVar("T")
+
+UPSERT_RULE_STATE = (
+    "INSERT INTO rule_state (rule_id, kind, key, fingerprint, value, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, kind, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, value = excluded.value, updated_at = excluded.updated_at"
+)
+DELETE_RULE_STATE = "DELETE FROM rule_state WHERE rule_id = ? AND kind = ? AND key = ?"
 
 INSERT_EVENTS = (
     "INSERT INTO events (id, device_id, topic, payload, received_at, source, hops) "
@@ -80,14 +89,16 @@ ROWS_PER_STATEMENT = 256
 
 #: One device's share of a batch: id, first and last arrival, messages, last payload.
 DeviceSummary = tuple[str, float, float, int, dict[str, Any]]
-#: A batch's statement parameters: event rows, device rows, alert rows, outbox rows, and the
-#: ids of outbox rows to delete.
+#: A batch's statement parameters: event rows, device rows, alert rows, outbox rows, the
+#: ids of outbox rows to delete, and rule state to upsert and to delete.
 PreparedBatch = tuple[
     list[tuple[Any, ...]],
     list[tuple[Any, ...]],
     list[tuple[Any, ...]],
     list[tuple[Any, ...]],
     list[str],
+    list[tuple[Any, ...]],
+    list[tuple[Any, ...]],
 ]
 
 
@@ -161,26 +172,7 @@ def device_rows(summaries: Sequence[DeviceSummary]) -> list[tuple[Any, ...]]:
 
 def outbox_rows(rows: Sequence[OutboxRow]) -> list[tuple[Any, ...]]:
     """``rows`` as ``INSERT_OUTBOX`` parameters."""
-    sqlite_time = SqliteTime()
-    return [
-        (
-            row.id,
-            row.sink,
-            row.device_id,
-            row.event_id,
-            row.rule_id,
-            row.topic,
-            row.payload,
-            None if row.headers is None else json_text(row.headers),
-            row.timeout_s,
-            row.qos,
-            row.retain,
-            row.hops,
-            created := sqlite_time(row.created_at),
-            created,
-        )
-        for row in rows
-    ]
+    return outbox_params(rows, SqliteTime())
 
 
 def delete_rows(conn: sqlite3.Connection, ids: Sequence[str]) -> None:
@@ -222,14 +214,18 @@ class SqliteBatchWriter:
         alerts: Sequence[dict[str, Any]] = (),
         outbox: Sequence[OutboxRow] = (),
         deletes: Sequence[str] = (),
+        state: Sequence[StateRow] = (),
     ) -> PreparedBatch:
         """The statement parameters of one batch (orjson may raise here)."""
+        upserts, removed = state_params(state, SqliteTime()) if state else ([], [])
         return (
             event_rows(batch),
             device_rows(devices),
             alert_rows(alerts),
             outbox_rows(outbox),
             list(deletes),
+            upserts,
+            removed,
         )
 
     async def commit(self, prepared: PreparedBatch) -> None:
@@ -277,6 +273,8 @@ class SqliteBatchWriter:
         alerts: list[tuple[Any, ...]],
         outbox: list[tuple[Any, ...]],
         deletes: list[str],
+        state: list[tuple[Any, ...]],
+        state_deletes: list[tuple[Any, ...]],
     ) -> None:
         conn = self._connection()
         try:
@@ -286,6 +284,10 @@ class SqliteBatchWriter:
             insert_rows(conn, INSERT_ALERTS, alerts)
             insert_rows(conn, INSERT_OUTBOX, outbox)
             delete_rows(conn, deletes)
+            if state:
+                conn.executemany(UPSERT_RULE_STATE, state)
+            if state_deletes:
+                conn.executemany(DELETE_RULE_STATE, state_deletes)
             faults.hit("db_io_error")
             faults.hit("disk_full")
             faults.hit("before_commit")

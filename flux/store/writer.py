@@ -46,10 +46,12 @@ from flux.metrics import (
     SUBSCRIBER_ERRORS,
 )
 from flux.retry import DB_RETRY_FIRST_S, Backoff
+from flux.rules.state import StateRow
 from flux.sinks.rows import OutboxRow
 from flux.store.database import sqlite_path, utc_datetime, writer_connection
 from flux.store.outbox import NO_SINKS, OutboxHooks, outbox_values
 from flux.store.riders import Riders
+from flux.store.rule_state import write_rule_state
 from flux.store.schema import alerts, dead_letters
 from flux.store.schema import outbox as outbox_table
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch, SqliteBatchWriter
@@ -226,8 +228,7 @@ class StoreWriter:
             await self._commit_riders_alone()
         if self._riders.rows_waiting:
             log.warning(
-                "%d alert and %d outbox rows uncommitted at shutdown; their events are "
-                "redelivered",
+                "%d alert and %d outbox rows uncommitted at shutdown; their events are redelivered",
                 len(self._riders.alerts),
                 len(self._riders.outbox),
             )
@@ -272,7 +273,12 @@ class StoreWriter:
         prepared: PreparedBatch | None
         try:
             prepared = self._batches.prepare(
-                batch, _device_summaries(batch), riders.alerts, outbox, riders.deletes
+                batch,
+                _device_summaries(batch),
+                riders.alerts,
+                outbox,
+                riders.deletes,
+                riders.state,
             )
         except JSONEncodeError:
             prepared = None  # a payload orjson cannot write: the commit isolates it
@@ -371,11 +377,12 @@ class StoreWriter:
         *,
         alerts: Sequence[dict[str, Any]] = (),
         outbox: Sequence[OutboxRow] = (),
+        state: Sequence[StateRow] = (),
         confirm: Callable[[], None],
     ) -> None:
-        """Queue alert and outbox rows for the next event batch's transaction; ``confirm``
-        runs once they are committed."""
-        self._riders.add(alerts=alerts, outbox=outbox, confirm=confirm)
+        """Queue alert, outbox and rule state rows for the next event batch's transaction;
+        ``confirm`` runs once they are committed."""
+        self._riders.add(alerts=alerts, outbox=outbox, state=state, confirm=confirm)
         self._riders_due.set()
 
     def delete_outbox(self, ids: Sequence[str]) -> None:
@@ -407,7 +414,9 @@ class StoreWriter:
             rejected = await self._with_retry(
                 partial(
                     self._batches.commit,
-                    self._batches.prepare((), (), riders.alerts, riders.outbox, riders.deletes),
+                    self._batches.prepare(
+                        (), (), riders.alerts, riders.outbox, riders.deletes, riders.state
+                    ),
                 )
             )
             if rejected:
@@ -422,7 +431,7 @@ class StoreWriter:
         """The slow path after the database refused a batch: alert rows as ``_commit_alerts``
         does, outbox rows and deletions through SQLAlchemy."""
         await self._commit_alerts(riders.alerts)
-        if riders.outbox or riders.deletes:
+        if riders.outbox or riders.deletes or riders.state:
             refused = await self._with_retry(
                 self._transaction(partial(self._write_outbox, riders=riders))
             )
@@ -434,6 +443,8 @@ class StoreWriter:
             await conn.execute(insert(outbox_table), [outbox_values(row) for row in riders.outbox])
         if riders.deletes:
             await conn.execute(delete(outbox_table).where(outbox_table.c.id.in_(riders.deletes)))
+        if riders.state:
+            await write_rule_state(conn, riders.state)
 
     async def _commit_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Commit alert rows in one transaction; when the database refuses them, one by one,

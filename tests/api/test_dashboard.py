@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from selenium import webdriver
@@ -23,7 +24,15 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.harness import FleetDevice, GatewayProcess, device, require_tool, unique, write_config
+from tests.harness import (
+    FleetDevice,
+    GatewayProcess,
+    Upstream,
+    device,
+    require_tool,
+    unique,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -86,6 +95,7 @@ async def test_the_dashboard_charts_live_traffic_in_chromium(
     tmp_path: Path,
     broker: tuple[str, int],
     chromium: webdriver.Chrome,
+    upstream: Upstream,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dev = unique("dev")
@@ -97,6 +107,7 @@ async def test_the_dashboard_charts_live_traffic_in_chromium(
         dev=dev,
         server={"api_token": TOKEN},
         metrics={"sample_interval_s": 0.5, "history_s": 120.0},
+        **{"sinks.cloud": upstream.sink(topics=[f"devices/{dev}/#"])},
     )
     gateway = GatewayProcess(config)
     gateway.start()
@@ -127,6 +138,25 @@ async def test_the_dashboard_charts_live_traffic_in_chromium(
                 "the dead letter's reason",
                 lambda d: "invalid_json" in text(d, "dead-letters"),
             )
+        wait_for(driver, "the sink's rows sent", lambda d: "cloud" in text(d, "sinks"))
+        sinks = text(driver, "sinks")
+        assert "local" in sinks and "webhooks" in sinks
+        # A paused sink keeps its rows: the table shows its state and its backlog.
+        paused = httpx.post(
+            f"{gateway.base_url}/api/v1/sinks/cloud/pause",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert paused.status_code == 200, paused.text
+        with device(*broker) as sensor:
+            for _ in range(20):
+                reading = orjson.dumps(hot.reading())
+                sensor.publish(f"devices/{dev}/telemetry", reading, qos=1).wait_for_publish()
+        def paused_with_backlog(d: webdriver.Chrome) -> bool:
+            row = next(r for r in text(d, "sinks").splitlines() if r.startswith("cloud"))
+            cells = row.split()
+            return cells[2] == "paused" and int(cells[3]) >= 20
+
+        wait_for(driver, "the paused sink and its backlog", paused_with_backlog)
         bus = chart(driver, "bus")
         assert set(bus["last"]) == {"store", "pipeline", "capacity"}
         assert bus["last"]["capacity"] == 1024

@@ -21,7 +21,8 @@ from flux.cli import main
 from flux.config import Settings
 from flux.plugins import PoolExhausted
 from flux.plugins import pool as pool_module
-from tests.harness import make_settings, unique, wait_until
+from flux.tuning import format_report
+from tests.harness import HookServer, free_port, make_settings, unique, wait_until
 from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
 
 TOKEN = "r3port"
@@ -182,12 +183,84 @@ async def test_a_rule_stopped_at_its_limits_is_named(
     assert rules["by_rule"][0]["errors"] == {"timeout": 5}  # then quarantined
 
 
+async def test_a_rule_taking_much_of_a_core_is_named_with_its_share(
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Served
+) -> None:
+    write_rules(
+        tmp_path,
+        """
+        [[rules]]
+        id = "heavy"
+        topic = "devices/+/telemetry"
+        script = "local s = 0 for i = 1, 30000 do s = s + i end return s < 0"
+        actions = [{ type = "alert" }]
+
+        [[rules]]
+        id = "light"
+        topic = "devices/+/telemetry"
+        when = "seq < 0"
+        actions = [{ type = "alert" }]
+        """,
+    )
+    async with served(serve_gateway, settings_for(tmp_path, broker)) as (_gateway, client, _url):
+        for _ in range(4):
+            await post_events(client, 100)
+        named = await advice(client)
+        report = (await client.get("/api/v1/report")).json()
+
+    by_rule = report["stages"]["rules"]["by_rule"]
+    assert [rule["rule"] for rule in by_rule] == ["heavy", "light"]
+    heavy, light = by_rule
+    assert heavy["us_per_evaluation"] > 20 * light["us_per_evaluation"] > 0
+    assert heavy["seconds"] > 0.9 * report["stages"]["rules"]["seconds"]
+    assert "rule.heavy" in named and "rule.light" not in named
+    assert "of a core" in named["rule.heavy"]["current"]
+    assert "of the time all rules took" in named["rule.heavy"]["reason"]
+    assert "rule      heavy: busy" in format_report(report)
+
+
+async def test_sinks_behind_name_their_settings(
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Served
+) -> None:
+    """A slow HTTP receiver taking one row per POST, and a receiver that is gone."""
+    receiver = HookServer()
+    receiver.delay_s = 0.02
+    await receiver.start()
+    sinks = {
+        "slow": {"type": "http", "url": receiver.url, "topics": ["devices/#"], "batch_size": 1},
+        "gone": {
+            "type": "http",
+            "url": f"http://127.0.0.1:{free_port()}/ingest",
+            "topics": ["devices/#"],
+            "retry_max_delay_s": 0.5,
+        },
+    }
+    try:
+        settings = settings_for(tmp_path, broker, sinks=sinks)
+        async with served(serve_gateway, settings) as (_gateway, client, _url):
+            await post_events(client, 300)
+            await wait_until(lambda: len(receiver.received) >= 20, timeout=30)
+            named = await advice(client)
+            report = (await client.get("/api/v1/report")).json()
+    finally:
+        await receiver.stop()
+
+    batch = named["sinks.slow.batch_size"]
+    assert (batch["current"], batch["suggested"]) == (1, 4)
+    assert "one POST of at most 1 rows at a time" in batch["reason"]
+    gone = named["sinks.gone.url"]
+    assert gone["current"] == sinks["gone"]["url"]
+    assert "nothing was delivered in the window" in gone["reason"]
+    assert "connect" in gone["reason"]
+    stages = report["stages"]["sinks"]
+    assert stages["slow"]["connected"] and not stages["gone"]["connected"]
+    assert "sinks.local.url" not in named  # the built-in sinks get no advice
+
+
 async def test_batches_of_one_under_a_flood_ask_for_a_larger_batch_size(
     tmp_path: Path, broker: tuple[str, int], serve_gateway: Served
 ) -> None:
-    settings = settings_for(
-        tmp_path, broker, database={"batch_size": 1}, eventbus={"capacity": 64}
-    )
+    settings = settings_for(tmp_path, broker, database={"batch_size": 1}, eventbus={"capacity": 64})
     async with served(serve_gateway, settings) as (_gateway, client, _url):
         await post_events(client, 300)
         named = await advice(client)

@@ -24,7 +24,15 @@ import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import FleetDevice, device, make_settings, unique, wait_until
+from tests.harness import (
+    FleetDevice,
+    Upstream,
+    device,
+    free_port,
+    make_settings,
+    unique,
+    wait_until,
+)
 from tests.plugins.helpers import POOL_OF_ONE, echo_module, event, write_plugin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,8 +147,8 @@ def problems(where: str, expr: str, samples: dict[str, set[str] | None]) -> list
 
 def test_the_name_check_catches_unknown_metrics_and_labels() -> None:
     samples = exported(
-        "# TYPE flux_a_total counter\nflux_a_total{plugin=\"p\"} 1\n"
-        "# TYPE flux_b histogram\nflux_b_bucket{le=\"+Inf\"} 1\nflux_b_sum 1\nflux_b_count 1\n"
+        '# TYPE flux_a_total counter\nflux_a_total{plugin="p"} 1\n'
+        '# TYPE flux_b histogram\nflux_b_bucket{le="+Inf"} 1\nflux_b_sum 1\nflux_b_count 1\n'
         "# TYPE flux_c counter\n"
     )
     fine = [
@@ -163,7 +171,7 @@ def test_the_name_check_catches_unknown_metrics_and_labels() -> None:
 
 
 async def test_every_metric_and_label_the_dashboard_and_alerts_name_is_exported(
-    tmp_path: Path, broker: tuple[str, int], serve_gateway: Any
+    tmp_path: Path, broker: tuple[str, int], serve_gateway: Any, upstream: Upstream
 ) -> None:
     dev = unique("dev")
     rules = tmp_path / "rules"
@@ -188,10 +196,24 @@ async def test_every_metric_and_label_the_dashboard_and_alerts_name_is_exported(
         eventbus={"capacity": 8, "overflow": "drop_newest"},
         metrics={"sample_interval_s": 0.2, "history_s": 10},
         plugins={"dir": str(plugins)},
+        # A sink that forwards, and one whose receiver is gone: it fails, and its tiny
+        # backlog drops the oldest rows.
+        sinks={
+            "cloud": upstream.sink(topics=[f"devices/{dev}/#"]),
+            "gone": {
+                "type": "http",
+                "url": f"http://127.0.0.1:{free_port()}/ingest",
+                "topics": [f"devices/{dev}/#"],
+                "max_backlog_mb": 0.001,
+                "overflow": "drop_oldest",
+                "retry_max_delay_s": 0.5,
+            },
+        },
     )
-    async with serve_gateway(settings) as (gateway, server), httpx.AsyncClient(
-        base_url=server.url, timeout=30
-    ) as client:
+    async with (
+        serve_gateway(settings) as (gateway, server),
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
         fleet = FleetDevice(0, seed=1, first_ts=1_700_000_000, interval_s=1)
 
         async def scrape() -> dict[str, set[str] | None]:

@@ -20,7 +20,8 @@ PANELS = {
     "Rule evaluations",
     "Rule matches",
     "Rule errors",
-    "Rule cost",
+    "Rule cost per evaluation",
+    "Rule time per rule",
     "Plugin executions",
     "Plugin traps and recycles",
     "Plugin Pool Hit Rate",
@@ -29,6 +30,13 @@ PANELS = {
     "Batch size",
     "MQTT connected",
     "MQTT messages and reconnects",
+    "Sink backlog",
+    "Sink backlog bytes",
+    "Oldest row waiting",
+    "Sinks connected",
+    "Rows sent",
+    "Send failures",
+    "Rows dropped",
 }
 
 

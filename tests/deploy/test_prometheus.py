@@ -17,6 +17,7 @@ ALERTS = (
     "EventBusSaturated",
     "DatabaseUnavailable",
     "MqttDisconnected",
+    "SinkBacklogOld",
     "PluginPoolLowHitRate",
     "PluginPoolExhausted",
     "PluginFaulting",

@@ -32,6 +32,7 @@ class HookServer:
         self.default_status = 200
         self.answer_body = b"ok"
         self.hang = False  # read the request, never answer
+        self.delay_s = 0.0  # wait this long before each answer (a slow receiver)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
 
@@ -69,6 +70,8 @@ class HookServer:
                 self.received.append(Received(method, path, headers, body, time.monotonic()))
                 if self.hang:
                     await asyncio.Event().wait()
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
                 status = self.statuses.pop(0) if self.statuses else self.default_status
                 phrase = http.HTTPStatus(status).phrase
                 writer.write(

@@ -149,7 +149,7 @@ async def test_events_keep_flowing_during_reloads_each_once() -> None:
 
 
 async def test_reload_leaves_no_growth_behind() -> None:
-    gc.collect()  # runtimes earlier tests left to the collector are not this test's
+    gc.collect()  # runtimes of earlier tests awaiting collection are not this test's
     baseline_runtimes = LuaSandbox.live_count()
     async with RuleEngine() as engine:
         assert LuaSandbox.live_count() == baseline_runtimes + 1

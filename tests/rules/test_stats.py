@@ -120,3 +120,39 @@ async def test_quarantine_is_logged_and_counted_in_the_gauges(
         assert not await engine.unquarantine("unknown")
         assert (metric("flux_rules_active"), metric("flux_rules_quarantined")) == (2, 0)
     assert (metric("flux_rules_active"), metric("flux_rules_quarantined")) == (0, 0)
+
+
+async def test_each_rule_gets_its_share_of_the_time_and_the_shares_add_up(
+    engine: RuleEngine,
+) -> None:
+    """Rules run fused in one Lua function; the sampled work still tells them apart."""
+    busy = "local s = 0\nfor i = 1, 3000 do s = s + i % 7 end\nreturn s < 0"
+    await engine.reload(
+        [
+            Rule(id="time-cheap", topic="t/+", when="temperature > 30"),
+            Rule(id="time-busy", topic="t/busy", script=busy),
+        ]
+    )
+    sum_before = metric("flux_rule_eval_seconds_sum")
+    seconds_before = {
+        rule: metric("flux_rule_eval_seconds_total", rule=rule)
+        for rule in ("time-cheap", "time-busy")
+    }
+    for _ in range(5):
+        events = [make_event({"temperature": 20 + i % 15}, f"t/d{i}") for i in range(180)]
+        events += [make_event({"temperature": 25}, "t/busy") for _ in range(20)]
+        await engine.evaluate_batch(events)
+    added = {
+        rule: metric("flux_rule_eval_seconds_total", rule=rule) - before
+        for rule, before in seconds_before.items()
+    }
+    assert sum(added.values()) == pytest.approx(metric("flux_rule_eval_seconds_sum") - sum_before)
+    # The busy rule runs ~100x the instructions of the cheap one on a tenth of the events.
+    assert added["time-busy"] > 0.8 * sum(added.values())
+    assert added["time-cheap"] > 0
+    busy_status, cheap_status = engine.status("time-busy"), engine.status("time-cheap")
+    assert busy_status is not None and cheap_status is not None
+    assert busy_status.seconds == pytest.approx(added["time-busy"])
+    assert busy_status.to_dict()["seconds"] > cheap_status.to_dict()["seconds"]
+    await engine.reload([Rule(id="time-cheap", topic="t/+", when="true")])
+    assert metric("flux_rule_eval_seconds_total", rule="time-busy") == 0

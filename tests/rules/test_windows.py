@@ -12,9 +12,9 @@ import pytest
 from flux.events import Event
 from flux.rules import RuleEngine, RuleValidationError, load_rules_text, parse_rule
 from flux.rules.model import Rule
-from flux.rules.state import StateRow
+from flux.rules.state import StateRow, fingerprint
 from flux.rules.testing import TimedEvent
-from flux.rules.windows import RuleWindows, WindowStore, fingerprint
+from flux.rules.windows import RuleWindows, WindowStore
 
 from .conftest import make_event, metric
 
