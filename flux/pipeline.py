@@ -13,6 +13,10 @@ alert rows, and the outbox rows of its rule publishes, webhooks and forwards (th
 deliver those at least once from the outbox). A crash in between means redelivery, so an
 alert or a publish is never lost for a message that was acknowledged.
 
+Window rules close on time too: ``WindowTimer`` calls ``Pipeline.close_windows`` every
+``WINDOW_TICK_S``, which runs the matches of the windows that closed like a batch's (one
+batch or one tick at a time), with nothing to acknowledge.
+
 Every rule action's handler is registered here, on the pipeline's own ``ActionExecutor``;
 the actions that send something (``publish``, ``webhook``, ``forward``) become outbox rows
 committed with the batch, which the sinks (``flux.sinks``) deliver.
@@ -53,7 +57,6 @@ PIPELINE_SUBSCRIBER = "pipeline"
 STORE_SUBSCRIBER = "store"
 #: How often the window timer closes the windows that are due (seconds).
 WINDOW_TICK_S = 0.25
-
 
 
 class AddRows(Protocol):
