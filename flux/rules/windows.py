@@ -343,6 +343,19 @@ class RuleWindows:
             heapq.heappush(self._heap, (self._close_at(window), next(self._seq), key, start))
         return window
 
+    def follow(self, rule: Rule) -> None:
+        """Take a reloaded rule of the same fingerprint (its when, actions or limits may
+        differ); a new ``allowed_lateness_s`` moves the open windows' closing times."""
+        self.rule = rule
+        if rule.allowed_lateness_s != self.lateness:
+            self.lateness = rule.allowed_lateness_s
+            self._heap = [
+                (self._close_at(window), next(self._seq), key, start)
+                for key, group in self.groups.items()
+                for start, window in group.windows.items()
+            ]
+            heapq.heapify(self._heap)
+
     def _close_at(self, window: list[Any]) -> float:
         """Return when ``window`` closes on the clock (count windows never do)."""
         if self.kind == "session":
@@ -526,7 +539,7 @@ class WindowStore:
                 continue
             old = self._rules.get(rule.id)
             if old is not None and old.fingerprint == fingerprint(rule):
-                old.rule = rule
+                old.follow(rule)
                 kept[rule.id] = old
             else:
                 kept[rule.id] = RuleWindows(rule)

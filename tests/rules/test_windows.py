@@ -396,6 +396,16 @@ async def test_engine_reload_keeps_or_drops_open_windows() -> None:
         assert {(r.key, r.value) for r in engine.window_changes()} == {("d1", None)}
 
 
+def test_a_reload_with_another_lateness_moves_the_closing_time() -> None:
+    store = WindowStore()
+    store.sync([window_rule(time_field="ts", allowed_lateness_s=30)])
+    store.add([ev({"temperature": 1, "ts": T0 + 1})], T0 + 1)
+    assert store.due(T0 + 60) == []
+    store.sync([window_rule(time_field="ts", allowed_lateness_s=5)])
+    assert len(store.due(T0 + 65)) == 1
+    store.sync([])
+
+
 def test_changes_and_restore_round_trip() -> None:
     rule = window_rule(window={"type": "session", "gap_s": 30}, select={"s": "sum(temperature)"})
     first = WindowStore()
