@@ -449,6 +449,19 @@ async def test_engine_exposes_window_changes_and_restore() -> None:
         assert match.output is not None and match.output["avg_t"] == 12.0
 
 
+async def test_stored_window_rows_are_loaded_at_start_with_the_other_state() -> None:
+    rule = window_rule()
+    async with RuleEngine() as engine:
+        await engine.reload([rule])
+        await engine.evaluate_batch([ev({"temperature": 14})])
+        rows = engine.window_changes()
+    async with RuleEngine() as engine:
+        await engine.reload([window_rule(when="n >= 1", actions=[])])
+        assert await engine.restore_state(rows) == 1
+        [match] = await engine.close_windows(time.time() + 120)
+        assert match.output is not None and match.output["avg_t"] == 14.0
+
+
 # -- rule tests -----------------------------------------------------------------------------
 
 
