@@ -2,8 +2,9 @@
 
 ``Gateway`` builds every stage from its config section and enters them in order: the
 database (migrated) and the store writer, plugins, rules, the bus with its two subscribers
-(store and pipeline), the broker (the embedded one if needed), the sinks (rule publishes,
-webhooks, upstream brokers and HTTP ingests), MQTT ingest and the metrics sampler.
+(store and pipeline), the window timer (window rules close on time), the broker (the
+embedded one if needed), the sinks (rule publishes, webhooks, upstream brokers and HTTP
+ingests), MQTT ingest and the metrics sampler.
 ``serve`` adds the HTTP API and the metrics endpoint around a gateway; ``run`` is
 ``flux run``.
 
@@ -35,7 +36,7 @@ from flux.errors import FluxError
 from flux.ingest.broker import MqttBroker
 from flux.ingest.mqtt import MqttIngest
 from flux.metrics import DEGRADED
-from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline
+from flux.pipeline import PIPELINE_SUBSCRIBER, STORE_SUBSCRIBER, Pipeline, WindowTimer
 from flux.plugins import PluginManager
 from flux.rules import RuleEngine
 from flux.rules.sources import RuleSources
@@ -118,6 +119,8 @@ class Gateway:
             action_rows=self.sinks,
             max_hops=max(rules.max_hops, settings.plugins.max_hops),
         )
+        #: Closes window rules' windows on time when no event arrives.
+        self.window_timer = WindowTimer(self.pipeline)
         self.mqtt = MqttIngest(
             config=settings.mqtt,
             broker=self.broker,
@@ -201,6 +204,7 @@ class Gateway:
             acknowledges=True,
         )
         await self._enter("bus", self.bus)
+        await self._enter("window timer", self.window_timer)
         await self._enter("broker", self.broker)
         await self._enter("sinks", self.sinks)
         await self._enter("mqtt ingest", self.mqtt)
@@ -219,7 +223,9 @@ class Gateway:
         log.info("rule state: %d rows restored, %d stale rows dropped", used, purged)
         group = self.settings.mqtt.shared_group
         stateful = sorted(
-            status.id for status in self.rules.rules() if status.rule and status.rule.uses_state
+            status.id
+            for status in self.rules.rules()
+            if status.rule and (status.rule.uses_state or status.rule.window is not None)
         )
         if group and stateful:
             log.warning(

@@ -129,11 +129,57 @@ def _cmd_rules_validate(args: argparse.Namespace) -> int:
 
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     from flux.rules import run_rule_test
+    from flux.rules.tools import run_window_rule_test
 
+    if (args.payload is None) == (args.events is None):
+        raise FluxError("give either --payload (one message) or --events (a window rule test)")
+    if args.events is not None:
+        events = _test_events(args.events)
+        windowed = run_window_rule_test(
+            args.rule, events, topic=args.topic, path=_rules_dir(args), close_open=args.close_open
+        )
+        _print_json(windowed.to_dict())
+        return EXIT_FAILURE if windowed.error is not None else 0
     payload = _json_object(args.payload, "--payload")
     result = run_rule_test(args.rule, payload, topic=args.topic, path=_rules_dir(args))
     _print_json(result.to_dict())
     return EXIT_FAILURE if result.error is not None else 0
+
+
+def _test_events(text: str) -> list[Any]:
+    """``--events``: a JSON list (or ``@file``) of ``{"payload": {...}, "ts": ..., "device_id"}``,
+    or an object holding it under ``events``."""
+    from flux.rules.testing import TimedEvent
+
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FluxError(f"--events: cannot read {text[1:]}: {exc}") from None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise FluxError(f"--events is not valid JSON: {exc}") from None
+    if isinstance(value, dict):
+        value = value.get("events")
+    if not isinstance(value, list):
+        raise FluxError('--events must be a JSON list of events (or {"events": [...]})')
+    events = []
+    for index, item in enumerate(value):
+        payload = item.get("payload") if isinstance(item, dict) else None
+        ts = item.get("ts") if isinstance(item, dict) else None
+        if not isinstance(payload, dict) or not isinstance(ts, int | float):
+            raise FluxError(f"--events[{index}] needs a 'payload' object and a number 'ts'")
+        device, topic = item.get("device_id"), item.get("topic")
+        events.append(
+            TimedEvent(
+                payload,
+                float(ts),
+                device if isinstance(device, str) else None,
+                topic if isinstance(topic, str) else None,
+            )
+        )
+    return events
 
 
 def _plugin_manager(args: argparse.Namespace) -> Any:
@@ -329,8 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     rule_test.add_argument("rule", help="rule id")
+    rule_test.add_argument("--payload", help="JSON object, e.g. '{\"temperature\": 31}'")
     rule_test.add_argument(
-        "--payload", required=True, help="JSON object, e.g. '{\"temperature\": 31}'"
+        "--events",
+        help='window rules: JSON list (or @file) of {"payload": {...}, "ts": 1700000000, '
+        '"device_id": "d1"} in arrival order; prints the windows that closed',
+    )
+    rule_test.add_argument(
+        "--close-open", action="store_true", help="with --events: close the still-open windows too"
     )
     rule_test.add_argument("--topic", help="topic of the sample message")
     rule_test.add_argument("--path", help="rule file or folder (default: [rules] dir)")

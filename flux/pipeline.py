@@ -13,6 +13,10 @@ alert rows, and the outbox rows of its rule publishes, webhooks and forwards (th
 deliver those at least once from the outbox). A crash in between means redelivery, so an
 alert or a publish is never lost for a message that was acknowledged.
 
+Window rules close on time too: ``WindowTimer`` calls ``Pipeline.close_windows`` every
+``WINDOW_TICK_S``, which runs the matches of the windows that closed like a batch's (one
+batch or one tick at a time), with nothing to acknowledge.
+
 Every rule action's handler is registered here, on the pipeline's own ``ActionExecutor``;
 the actions that send something (``publish``, ``webhook``, ``forward``) become outbox rows
 committed with the batch, which the sinks (``flux.sinks``) deliver.
@@ -20,6 +24,8 @@ committed with the batch, which the sinks (``flux.sinks``) deliver.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_SUBSCRIBER = "pipeline"
 STORE_SUBSCRIBER = "store"
+#: How often the window timer closes the windows that are due (seconds).
+WINDOW_TICK_S = 0.25
 
 
 class AddRows(Protocol):
@@ -125,6 +133,8 @@ class Pipeline:
         # is the one being handled.
         self._unconfirmed: deque[_BatchConfirmation] = deque()
         self._current = _BatchConfirmation([])
+        # One batch or one window tick at a time: both fill the lists above.
+        self._busy = asyncio.Lock()
         self.actions = ActionExecutor(max_hops=max_hops)
         for action_type, handler in (
             ("alert", self._alert_action),
@@ -144,12 +154,26 @@ class Pipeline:
         batch cannot stall the MQTT receive window; when the bus closes mid-batch (shutdown)
         the batch stays unconfirmed and the broker redelivers it.
         """
+        async with self._busy:
+            await self._run(batch, [])
+
+    async def close_windows(self) -> None:
+        """Close the windows that are due and run the actions of those that match; what the
+        actions cause is handled like a batch's (an empty one: nothing to acknowledge)."""
+        async with self._busy:
+            matches = await self._rules.close_windows()
+            if matches:
+                await self._run([], matches)
+
+    async def _run(self, batch: list[Event], window_matches: list[RuleMatch]) -> None:
         confirmation = self._current = _BatchConfirmation(batch)
         self._unconfirmed.append(confirmation)
         try:
             work = batch
-            while work:
-                derived = await self._process(work)
+            matches = window_matches
+            while work or matches:
+                derived = await self._process(work, matches)
+                matches = []
                 for event in derived:
                     event.ack = self._part(confirmation)
                     try:
@@ -185,10 +209,13 @@ class Pipeline:
             for event in unconfirmed.popleft().batch:
                 event.ack()
 
-    async def _process(self, work: list[Event]) -> list[Event]:
-        """One level: plugins on the events they subscribe to, then rules and actions."""
+    async def _process(self, work: list[Event], window_matches: list[RuleMatch]) -> list[Event]:
+        """One level: plugins on the events they subscribe to, then rules and actions (of the
+        windows the timer closed, if any, first)."""
         derived = await self._run_plugins(work)
         matches = await self._rules.evaluate_batch(work)
+        if window_matches:
+            matches = [*window_matches, *matches]
         if matches:
             await self.actions.execute(matches)
         # Rule state rides with the batch's alerts: the events' acknowledgement waits for it.
@@ -255,4 +282,51 @@ class Pipeline:
         self._outbox.append(self._action_rows.forward_row(match, action.sink))
 
 
-__all__ = ["PIPELINE_SUBSCRIBER", "STORE_SUBSCRIBER", "ActionRows", "AddRows", "Pipeline"]
+class WindowTimer:
+    """Close due windows every ``interval_s`` even when no event arrives (a stage of the app).
+
+    A failing tick is logged once and counted; the timer goes on.
+    """
+
+    def __init__(self, pipeline: Pipeline, *, interval_s: float = WINDOW_TICK_S) -> None:
+        self._pipeline = pipeline
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WindowTimer:
+        if self._task is not None:
+            raise RuntimeError("the window timer is already running")
+        self._task = asyncio.create_task(self._loop(), name="flux-window-timer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self._pipeline.close_windows()
+            except Exception:
+                SUBSCRIBER_ERRORS.labels(subscriber="window_timer").inc()
+                if not failing:
+                    log.exception("closing due windows failed")
+                failing = True
+            else:
+                failing = False
+
+
+__all__ = [
+    "PIPELINE_SUBSCRIBER",
+    "STORE_SUBSCRIBER",
+    "WINDOW_TICK_S",
+    "ActionRows",
+    "AddRows",
+    "Pipeline",
+    "WindowTimer",
+]

@@ -273,8 +273,8 @@ async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_cal
         async with (
             serve_gateway(settings) as (gateway, server),
             httpx.AsyncClient(
-                base_url=f"{server.url}/api/v1", timeout=30
-            ) as api,
+            base_url=f"{server.url}/api/v1", timeout=30
+        ) as api,
         ):
             (rules_dir / "freezer.toml").write_text(
                 "[[rules]]\n"
@@ -305,6 +305,61 @@ async def test_a_rule_dropped_into_rules_and_reloaded_alerts_republishes_and_cal
     finally:
         listener.close()
         await hook.stop()
+
+
+async def test_a_window_rule_alerts_and_publishes_after_its_window_closes_by_the_clock(
+    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    """MQTT in, then nothing more: the window timer closes the window and its alert row
+    and publish come out with the window's aggregates."""
+    dev, quiet = unique("dev"), unique("quiet")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "window.toml").write_text(
+        "[[rules]]\n"
+        'id = "avg-temp"\n'
+        'topic = "devices/+/telemetry"\n'
+        'window = { type = "tumbling", size_s = 1 }\n'
+        'select = { avg_t = "avg(temperature)", n = "count()", hi = "max(temperature)" }\n'
+        'when = "avg_t > 20"\n'
+        "actions = [\n"
+        '  { type = "alert", severity = "warning" },\n'
+        '  { type = "publish", topic = "windows/{device_id}/{rule_id}", qos = 1 },\n'
+        "]\n"
+    )
+    listener = Listener(broker, f"windows/{dev}/#")
+    settings = make_settings(
+        tmp_path, broker, device_ids=[dev, quiet], rules={"dir": str(rules_dir)}
+    )
+    try:
+        async with start_gateway(settings) as gateway:
+            with device(*broker) as sim:
+                sim.publish_all(
+                    [
+                        (f"devices/{dev}/telemetry", orjson.dumps({"temperature": t}))
+                        for t in (21, 25, 29)
+                    ]
+                    + [(f"devices/{quiet}/telemetry", orjson.dumps({"temperature": 5}))]
+                )
+
+            async def alerted() -> list[dict[str, Any]]:
+                rows = await _rows(gateway, select(alerts))
+                total = sum(row["output"]["n"] for row in rows)
+                return rows if total == 3 else []
+
+            await wait_until(alerted, what="window alert rows for every message")
+            rows = await _rows(gateway, select(alerts))
+            assert {row["device_id"] for row in rows} == {dev}  # the quiet one's avg is 5
+            for row in rows:
+                output = row["output"]
+                assert row["rule_id"] == "avg-temp" and output["device_id"] == dev
+                assert output["window_end"] - output["window_start"] == 1
+                assert output["avg_t"] > 20 and output["hi"] <= 29
+            await wait_until(lambda: len(listener.messages) == len(rows), what="publishes")
+            document = listener.messages[0][1]
+            assert document["output"]["n"] >= 1 and document["rule_id"] == "avg-temp"
+    finally:
+        listener.close()
 
 
 async def test_reloads_under_load_lose_nothing_and_evaluate_each_event_once(

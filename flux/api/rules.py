@@ -6,12 +6,13 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flux.api.gateway import Gateway, Rules, Sources
 from flux.errors import Conflict, NotFound
-from flux.rules import RuleEngine, parse_rule
+from flux.rules import RuleEngine, RuleValidationError, parse_rule
 from flux.rules.sources import RuleSources
+from flux.rules.testing import TimedEvent
 
 router = APIRouter(tags=["rules"])
 
@@ -32,10 +33,35 @@ RuleBody = Annotated[
 ]
 
 
+class TimedEventBody(BaseModel):
+    """One message of a window rule test; ``ts`` is its arrival time (epoch seconds)."""
+
+    payload: dict[str, Any]
+    ts: float = Field(ge=0)
+    device_id: str | None = Field(default=None, max_length=255)
+    topic: str | None = Field(default=None, max_length=1024)
+
+
 class RuleTestRequest(BaseModel):
-    payload: dict[str, Any] = Field(examples=[{"temperature": 31.5, "humidity": 40}])
+    payload: dict[str, Any] | None = Field(
+        default=None, examples=[{"temperature": 31.5, "humidity": 40}]
+    )
+    events: list[TimedEventBody] | None = Field(
+        default=None,
+        max_length=100_000,
+        description="window rules: messages in arrival order; the windows that close are "
+        "returned (with close_open, the still-open ones too)",
+        examples=[[{"payload": {"temperature": 31.5}, "ts": 1700000000.0, "device_id": "d1"}]],
+    )
+    close_open: bool = False
     topic: str | None = Field(default=None, max_length=1024, examples=["devices/dev-1/telemetry"])
     device_id: str | None = Field(default=None, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RuleTestRequest:
+        if (self.payload is None) == (self.events is None):
+            raise ValueError("give either 'payload' (one message) or 'events' (a window test)")
+        return self
 
 
 class RuleTraceRequest(BaseModel):
@@ -147,10 +173,27 @@ async def disable_rule(
 async def test_rule(
     engine: Rules, sources: Sources, rule_id: RuleId, body: RuleTestRequest
 ) -> dict[str, Any]:
-    """Evaluate a rule against a sample payload: match, output and time (no actions run)."""
+    """Evaluate a rule against a sample payload: match, output and time (no actions run).
+
+    A window rule takes ``events`` (payloads with their arrival time ``ts``) and returns the
+    windows that closed, each with its output and whether ``when`` matched.
+    """
     rule = await sources.find(rule_id)
     if rule is None:
         raise NotFound(f"no rule {rule_id!r}", rule_id=rule_id)
+    if body.events is not None:
+        if rule.window is None:
+            raise RuleValidationError(
+                f"rule {rule_id!r} is not a window rule; send one 'payload'", rule_id=rule_id
+            )
+        events = [
+            TimedEvent(e.payload, e.ts, e.device_id or body.device_id, e.topic) for e in body.events
+        ]
+        windowed = await engine.test_window_rule(
+            rule, events, topic=body.topic, close_open=body.close_open
+        )
+        return windowed.to_dict()
+    assert body.payload is not None
     result = await engine.test_rule(rule, body.payload, body.topic, device_id=body.device_id)
     return result.to_dict()
 

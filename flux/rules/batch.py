@@ -82,6 +82,8 @@ class BatchOutcome:
     evaluations: dict[int, int] = field(default_factory=dict)
     matched: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
+    #: The part of ``elapsed`` window rules spent on the batch's events, by rule index.
+    window_seconds: dict[int, float] = field(default_factory=dict)
     #: Budget units (Lua instructions, sampled, and charged C work) each rule spent.
     work: dict[int, int] = field(default_factory=dict)
     #: What the batch was evaluated from, kept for rule traces: the events some rule applied
@@ -103,9 +105,12 @@ class BatchOutcome:
             for rule_index, count in self.evaluations.items()
         }
         total = sum(weights.values())
-        if not total:
-            return {}
-        return {rule_index: self.elapsed * w / total for rule_index, w in weights.items()}
+        windows = self.window_seconds
+        lua = self.elapsed - sum(windows.values())
+        shares = {index: lua * w / total for index, w in weights.items()} if total else {}
+        for rule_index, seconds in windows.items():
+            shares[rule_index] = shares.get(rule_index, 0.0) + seconds
+        return shares
 
 
 def evaluate(ruleset: Ruleset, events: Sequence[Event]) -> BatchOutcome:

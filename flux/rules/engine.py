@@ -26,7 +26,7 @@ from flux.config import RulesConfig
 from flux.errors import NotFound, NotReady
 from flux.events import Event
 from flux.rules import metrics
-from flux.rules.batch import BatchOutcome, RuleMatch, evaluate
+from flux.rules.batch import BatchOutcome, RuleMatch
 from flux.rules.compiler import (
     CompileCache,
     CompiledRule,
@@ -46,10 +46,24 @@ from flux.rules.sandbox import (
     LuaError,
     LuaSandbox,
 )
-from flux.rules.state import StateRow, fingerprint, state_entries, state_value
+from flux.rules.state import (
+    StateRow,
+    fingerprint,
+    pack_windows,
+    state_entries,
+    state_value,
+    unpack_windows,
+)
 from flux.rules.stats import RuleStats, RuleStatus
-from flux.rules.testing import RuleTestResult, run_test
+from flux.rules.testing import (
+    RuleTestResult,
+    TimedEvent,
+    WindowTestResult,
+    run_test,
+    run_window_test,
+)
 from flux.rules.trace import RuleTraces
+from flux.rules.windows import WindowStore, evaluate_closed
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +201,7 @@ class RuleEngine:
         self._versions: dict[tuple[str, str], int] = {}
         self._state_changes: list[StateRow] = []
         self._fingerprints: dict[str, str] = {}
+        self._windows = WindowStore()
 
     @classmethod
     def from_config(
@@ -298,6 +313,7 @@ class RuleEngine:
         self._version = ruleset.version
         self._ruleset = ruleset
         self._stats.reloaded(ruleset, result)
+        await self._call(self._windows.sync, ruleset.rules)
         await self._call(self._cleanup, ruleset, result)
         report = ReloadReport.of(ruleset, result, time.perf_counter() - started)
         metrics.RULES_RELOAD.labels(result=report.result).inc()
@@ -373,9 +389,20 @@ class RuleEngine:
     def _evaluate(
         self, ruleset: Ruleset, events: Sequence[Event]
     ) -> tuple[BatchOutcome, list[StateRow]]:
-        """Evaluate on the Lua thread, and take the state the batch changed there too."""
-        outcome = evaluate(ruleset, events)
-        changes: list[StateRow] = []
+        """Evaluate on the Lua thread (``events`` and the windows they or the clock closed),
+        and take the state the batch changed there too."""
+        windows = self._windows
+        if windows:
+            now = time.time()
+            closed = windows.add(events, now)
+            outcome = evaluate_closed(ruleset, events, closed, now)
+            index = ruleset.index
+            spent = {index[r]: s for r, s in windows.seconds.items() if r in index}
+            outcome.window_seconds = spent
+            outcome.elapsed += sum(spent.values())  # the rules' cost includes the windows'
+        else:
+            outcome = evaluate_closed(ruleset, events, (), 0.0)
+        changes = self._quarantine_rows(ruleset, outcome)
         if ruleset.stateful:
             versions = self._versions
             prints = ruleset.fingerprints
@@ -392,16 +419,67 @@ class RuleEngine:
                 version = versions[rule_id, device] = versions.get((rule_id, device), 0) + 1
                 value = state_value(data.items())
                 changes.append(StateRow(rule_id, "script", device, stamp, value, version))
+        return outcome, changes
+
+    @staticmethod
+    def _quarantine_rows(ruleset: Ruleset, outcome: BatchOutcome) -> list[StateRow]:
+        """The state rows of the rules ``outcome`` quarantined."""
+        rows = []
         for rule_index in outcome.quarantined:
             rule = ruleset.rules[rule_index - 1]
             at = {"at": time.time()}
-            changes.append(StateRow(rule.id, "quarantine", "", fingerprint(rule), at))
-        return outcome, changes
+            rows.append(StateRow(rule.id, "quarantine", "", fingerprint(rule), at))
+        return rows
+
+    async def close_windows(self, now: float | None = None) -> list[RuleMatch]:
+        """Close the windows due at ``now`` (default: the clock), evaluate their ``when`` and
+        return the matches; the pipeline's timer calls it, so windows close without events."""
+        if not self._windows:
+            return []
+        _sandbox, _cache, ruleset = self._require()
+        outcome = await self._call(self._close_due, ruleset, now)
+        if outcome.evaluations or outcome.failures:
+            self._state_changes.extend(self._quarantine_rows(ruleset, outcome))
+            self._stats.record(ruleset, outcome)
+            if self._traces:
+                self._traces.record(ruleset, outcome)
+        return outcome.matches
+
+    def _close_due(self, ruleset: Ruleset, now: float | None) -> BatchOutcome:
+        at = time.time() if now is None else now
+        closed = self._windows.due(at)
+        if not closed:
+            return BatchOutcome()
+        return evaluate_closed(ruleset, (), closed, at)
+
+    # ------------------------------------------------------------------ window state
+
+    @property
+    def has_windows(self) -> bool:
+        """Return whether the active ruleset has window rules."""
+        return bool(self._windows)
+
+    def window_changes(self) -> list[StateRow]:
+        """Return the window state rows changed since the last call (kind ``"window"``, key =
+        group key, ``value`` None = the group has no open window any more), and forget them.
+
+        Call it on the loop between batches (after ``evaluate_batch``/``close_windows``);
+        with ``offload`` the Lua thread is idle then.
+        """
+        return self._windows.changes()
+
+    def restore_windows(self, rows: Iterable[StateRow]) -> int:
+        """Load window state rows (after a reload, before events flow); rows of unknown
+        rules or with another fingerprint are ignored. Return how many were loaded."""
+        return self._windows.restore(rows)
 
     def take_state_changes(self) -> list[StateRow]:
         """The rule state changed since the last call (script state per device, quarantine):
         the rows to commit with the batch's alerts."""
         changes, self._state_changes = self._state_changes, []
+        if self._windows:
+            # One packed row per group key a batch or the clock touched (not one per rule).
+            changes.extend(pack_windows(self._windows.changes(), self._windows.rows_for))
         if changes:
             kinds = Counter(row.kind for row in changes)
             for kind, count in kinds.items():
@@ -449,7 +527,8 @@ class RuleEngine:
             metrics.RULE_STATE_LOADED.labels(when="newer").inc(used)
 
     async def restore_state(self, rows: Sequence[StateRow]) -> int:
-        """Load stored state (at start): script state of matching rules, and quarantines.
+        """Load stored state (at start): script state of matching rules, window rules' open
+        windows, and quarantines.
         Rows whose rule is gone or changed are ignored; return how many were used."""
         used = await self._call(self._restore, rows, True)
         metrics.RULE_STATE_LOADED.labels(when="start").inc(used)
@@ -460,7 +539,7 @@ class RuleEngine:
         ``replace``, else only where nothing is), and quarantines."""
         sandbox, _cache, ruleset = self._require()
         used = 0
-        for row in rows:
+        for row in unpack_windows(rows):
             rule_index = ruleset.index.get(row.rule_id)
             if rule_index is None or row.value is None:
                 continue
@@ -486,6 +565,8 @@ class RuleEngine:
                     ruleset.quarantine(rule_index)
                 self._stats.restored_quarantine(ruleset, rule)
                 used += 1
+            elif row.kind == "window" and quarantines:
+                used += self._windows.restore([row])
         return used
 
     @property
@@ -523,6 +604,10 @@ class RuleEngine:
         The rule runs with its own empty ``state`` (seeded from ``state``), never the live one.
         """
         sandbox, _cache, _ruleset = self._require()
+        if rule.window is not None:
+            event = TimedEvent(payload=payload, ts=received_at or time.time(), device_id=device_id)
+            windowed = await self.test_window_rule(rule, [event], topic=topic, close_open=True)
+            return windowed.as_single()
         return await self._call(
             run_test,
             sandbox,
@@ -533,6 +618,21 @@ class RuleEngine:
             state=state,
             received_at=received_at,
             fuse=self._fuse,
+        )
+
+    async def test_window_rule(
+        self,
+        rule: Rule,
+        events: Sequence[TimedEvent],
+        *,
+        topic: str | None = None,
+        close_open: bool = False,
+    ) -> WindowTestResult:
+        """Feed ``events`` (each with its arrival time ``ts``) to a fresh copy of a window rule;
+        return the windows that closed (all still open ones too with ``close_open``)."""
+        sandbox, _cache, _ruleset = self._require()
+        return await self._call(
+            run_window_test, sandbox, rule, events, topic=topic, close_open=close_open
         )
 
 

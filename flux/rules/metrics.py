@@ -84,6 +84,34 @@ RULE_LOOPS_CUT = Counter(
     "flux_rule_loops_cut_total", "Derived events dropped because their hop count exceeded the max"
 )
 
+WINDOWS_OPEN = Gauge("flux_windows_open", "Open windows of a window rule", ["rule"])
+WINDOWS_EMITTED = Counter(
+    "flux_windows_emitted_total",
+    "Windows a window rule closed (then evaluated by its when)",
+    ["rule"],
+)
+WINDOW_EVENTS_DROPPED = Counter(
+    "flux_window_events_dropped_total",
+    "Events a window rule did not count, by reason (late: beyond allowed_lateness_s; "
+    "no_time: time_field missing or not a number; no_group: group_by field missing)",
+    ["rule", "reason"],
+)
+WINDOW_GROUPS_EVICTED = Counter(
+    "flux_window_groups_evicted_total",
+    "Groups (with their open windows) dropped because a window rule reached max_groups",
+    ["rule"],
+)
+
+
+def forget_window_rule(rule_id: str) -> None:
+    """Drop the window series of a rule that is gone."""
+    for metric in (WINDOWS_OPEN, WINDOWS_EMITTED, WINDOW_GROUPS_EVICTED):
+        with contextlib.suppress(KeyError):
+            metric.remove(rule_id)
+    for reason in ("late", "no_time", "no_group"):
+        with contextlib.suppress(KeyError):
+            WINDOW_EVENTS_DROPPED.remove(rule_id, reason)
+
 
 def forget_rule(rule_id: str) -> None:
     """Drop the series of a rule that is gone, so dashboards stop showing it."""
@@ -110,6 +138,11 @@ __all__ = [
     "RULE_SECONDS",
     "RULE_STATE_LOADED",
     "RULE_STATE_WRITES",
+    "WINDOWS_EMITTED",
+    "WINDOWS_OPEN",
+    "WINDOW_EVENTS_DROPPED",
+    "WINDOW_GROUPS_EVICTED",
     "RuleSeconds",
     "forget_rule",
+    "forget_window_rule",
 ]

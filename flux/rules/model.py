@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flux.rules.errors import RuleError, RuleValidationError
 from flux.topics import validate_filter
@@ -31,6 +39,21 @@ _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
 
 Severity = Literal["debug", "info", "warning", "error", "critical"]
+
+#: The aggregate functions of a window rule's ``select``.
+AGGREGATES = ("count", "sum", "avg", "min", "max", "first", "last")
+_AGGREGATE = re.compile(r"^\s*([a-z]+)\s*\(\s*([A-Za-z_][A-Za-z0-9_-]*)?\s*\)\s*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PAYLOAD_FIELD = r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$"
+#: Names a window's output sets itself, or that Lua or the rule environment already use.
+RESERVED_NAMES = frozenset(
+    {"window_start", "window_end", "topic", "device_id", "received_at", "state", "payload"}
+    | {"and", "break", "do", "else", "elseif", "end", "false", "for", "function", "goto"}
+    | {"if", "in", "local", "nil", "not", "or", "repeat", "return", "then", "true", "until"}
+    | {"while"}
+)
+#: Most windows one event may fall into (a hopping window's ``size_s / every_s``).
+MAX_HOPS_PER_EVENT = 100
 
 
 def template_fields(template: str) -> list[str]:
@@ -237,6 +260,83 @@ Action = Annotated[
 ]
 
 
+class _Window(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TumblingWindow(_Window):
+    """Back-to-back windows of ``size_s`` seconds, aligned to the epoch."""
+
+    type: Literal["tumbling"]
+    size_s: float = Field(gt=0, le=7 * 86400)
+
+
+class HoppingWindow(_Window):
+    """Windows of ``size_s`` seconds starting every ``every_s`` (they overlap)."""
+
+    type: Literal["hopping"]
+    size_s: float = Field(gt=0, le=7 * 86400)
+    every_s: float = Field(gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _hops(self) -> HoppingWindow:
+        if self.every_s > self.size_s:
+            raise ValueError("every_s must not exceed size_s (use a tumbling window)")
+        if self.size_s / self.every_s > MAX_HOPS_PER_EVENT:
+            raise ValueError(f"size_s / every_s must be at most {MAX_HOPS_PER_EVENT}")
+        return self
+
+
+class CountWindow(_Window):
+    """Windows of ``size_n`` events per group."""
+
+    type: Literal["count"]
+    size_n: int = Field(ge=1, le=1_000_000)
+
+
+class SessionWindow(_Window):
+    """A group's window stays open while its events come less than ``gap_s`` apart."""
+
+    type: Literal["session"]
+    gap_s: float = Field(gt=0, le=7 * 86400)
+
+
+Window = Annotated[
+    TumblingWindow | HoppingWindow | CountWindow | SessionWindow, Field(discriminator="type")
+]
+
+
+def parse_aggregate(expression: str) -> tuple[str, str | None]:
+    """Return ``(function, field)`` of ``avg(temperature)``/``count()``, or raise ``ValueError``."""
+    found = _AGGREGATE.match(expression)
+    if found is None or found.group(1) not in AGGREGATES:
+        known = ", ".join(f"{a}(field)" for a in AGGREGATES)
+        raise ValueError(f"{expression!r} is not an aggregate; use {known} (count() counts events)")
+    function, name = found.group(1), found.group(2)
+    if name is None and function != "count":
+        raise ValueError(f"{function}() needs a payload field, e.g. {function}(temperature)")
+    return function, name
+
+
+def _select_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"{name!r} is not a name Lua can use (letters, digits, _)")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved; pick another name")
+    return name
+
+
+def _aggregate(expression: str) -> str:
+    parse_aggregate(expression)
+    return expression
+
+
+SelectName = Annotated[str, AfterValidator(_select_name)]
+Aggregate = Annotated[str, AfterValidator(_aggregate)]
+#: Keys only a window rule may set.
+WINDOW_KEYS = ("group_by", "select", "time_field", "allowed_lateness_s", "max_groups")
+
+
 class Rule(BaseModel):
     """One rule: a topic filter, a Lua condition (``when``) or chunk (``script``), and actions.
 
@@ -254,6 +354,12 @@ class Rule(BaseModel):
     actions: tuple[Action, ...] = ()
     enabled: bool = True
     version: int = Field(default=1, ge=1)
+    window: Window | None = None
+    group_by: str = Field(default="device_id", pattern=r"^$|" + _PAYLOAD_FIELD)
+    select: dict[SelectName, Aggregate] = Field(default_factory=dict, max_length=64)
+    time_field: str | None = Field(default=None, pattern=_PAYLOAD_FIELD)
+    allowed_lateness_s: float = Field(default=0.0, ge=0, le=86400)
+    max_groups: int = Field(default=10_000, ge=1, le=1_000_000)
     origin: str | None = Field(default=None, exclude=True)
     origin_line: int | None = Field(default=None, exclude=True)
 
@@ -264,6 +370,47 @@ class Rule(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_default_when(cls, data: Any) -> Any:
+        """A window rule without ``when`` emits every window it closes."""
+        if (
+            isinstance(data, dict)
+            and data.get("window") is not None
+            and "when" not in data
+            and data.get("script") is None
+        ):
+            return {**data, "when": "true"}
+        return data
+
+    @model_validator(mode="after")
+    def _window(self) -> Rule:
+        if self.window is None:
+            fields = type(self).model_fields
+            stray = [
+                key
+                for key in WINDOW_KEYS
+                if getattr(self, key) != fields[key].get_default(call_default_factory=True)
+            ]
+            if stray:
+                verb = "needs" if len(stray) == 1 else "need"
+                raise ValueError(
+                    f"{', '.join(stray)} {verb} a 'window' "
+                    '(e.g. window = { type = "tumbling", size_s = 60 })'
+                )
+            return self
+        if self.script is not None:
+            raise ValueError(
+                "script: a window rule takes a 'when' over its selected values, not a 'script'"
+            )
+        if not self.select:
+            raise ValueError('select: a window rule needs one, e.g. select = { n = "count()" }')
+        if self.group_by in self.select:
+            raise ValueError(f"select.{self.group_by}: the group key already has that name")
+        if re.search(r"\bstate\b", self.when or ""):
+            raise ValueError("when: a window rule cannot use 'state'")
+        return self
 
     @model_validator(mode="after")
     def _source(self) -> Rule:
@@ -299,6 +446,11 @@ class Rule(BaseModel):
     def uses_state(self) -> bool:
         """Return whether the source mentions the per-device ``state`` table."""
         return re.search(r"\bstate\b", self.source) is not None
+
+    @property
+    def aggregates(self) -> list[tuple[str, str, str | None]]:
+        """Return a window rule's ``select`` as ``(name, function, field)``, in order."""
+        return [(name, *parse_aggregate(text)) for name, text in self.select.items()]
 
     def plugin_names(self) -> list[str]:
         """Return the plugins this rule's actions call."""
@@ -471,20 +623,27 @@ def load_rules_path(path: str | Path) -> LoadReport:
 
 
 __all__ = [
+    "AGGREGATES",
     "MAX_SOURCE_BYTES",
     "RULE_ID_PATTERN",
     "Action",
     "AlertAction",
+    "CountWindow",
     "ForwardAction",
+    "HoppingWindow",
     "LoadReport",
     "PluginAction",
     "PublishAction",
     "Rule",
+    "SessionWindow",
+    "TumblingWindow",
     "WebhookAction",
+    "Window",
     "check_plugins",
     "check_sinks",
     "load_rules_path",
     "load_rules_text",
+    "parse_aggregate",
     "parse_rule",
     "render_template",
     "render_value",

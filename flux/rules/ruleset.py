@@ -11,6 +11,7 @@ fused loop.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,7 +150,14 @@ class Ruleset:
         self.has_scripts = any(rule.script is not None for rule in self.rules)
         self.index = {rule.id: number for number, rule in enumerate(self.rules, start=1)}
         self.quarantined: set[int] = {self.index[id_] for id_ in quarantined if id_ in self.index}
-        self.matcher = TopicMatcher([rule.topic for rule in self.rules])
+        # A window rule's ``when`` runs on the windows it closes, which the engine hands in as
+        # events on an internal topic no message can carry (a NUL and a per-ruleset token).
+        token = secrets.token_hex(8)
+        #: Per window rule id, the internal topic its closed windows are evaluated on.
+        self.window_topics = {
+            rule.id: f"\x00window:{token}/{rule.id}" for rule in self.rules if rule.window
+        }
+        self.matcher = TopicMatcher([self.window_topics.get(r.id, r.topic) for r in self.rules])
         self.plan_rules: dict[int, tuple[int, ...]] = {}
         self._plans: dict[tuple[int, ...], int] = {}
         self._topic_plan: dict[str, tuple[int, tuple[int, ...]]] = {}

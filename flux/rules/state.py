@@ -12,6 +12,7 @@ it touched rather than one per rule and group.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,20 @@ class StateRow:
 
 def fingerprint(rule: Rule) -> str:
     """What a rule's state depends on: its kind and Lua source (condition or script), not
-    its actions, topic or description."""
+    its actions, topic or description. A window rule's open windows depend on its window,
+    ``group_by``, ``select`` and ``time_field``, not on its ``when``: a new threshold keeps
+    the aggregates gathered so far."""
+    if rule.window is not None:
+        text = orjson.dumps(
+            {
+                "window": rule.window.model_dump(mode="json"),
+                "group_by": rule.group_by,
+                "select": rule.select,
+                "time_field": rule.time_field,
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+        return "w" + hashlib.sha256(text).hexdigest()[:15]
     return rule.compile_key[2]
 
 

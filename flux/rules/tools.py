@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from flux.rules.engine import RuleEngine
 from flux.rules.errors import RuleError, RuleValidationError
 from flux.rules.model import Rule, load_rules_path
 from flux.rules.sandbox import LuaSandbox
-from flux.rules.testing import RuleTestResult
+from flux.rules.testing import RuleTestResult, TimedEvent, WindowTestResult
 
 #: Where shipped rule files live, relative to the working directory.
 DEFAULT_RULES_PATH = Path("rules")
@@ -102,11 +102,34 @@ def run_rule_test(
     return asyncio.run(run_rule_test_async(rule, payload, topic=topic, path=path, state=state))
 
 
+def run_window_rule_test(
+    rule: Rule | str,
+    events: Sequence[TimedEvent],
+    *,
+    topic: str | None = None,
+    path: str | Path = DEFAULT_RULES_PATH,
+    close_open: bool = False,
+) -> WindowTestResult:
+    """Feed ``events`` to a window rule (a ``Rule`` or an id under ``path``); for the CLI."""
+    found = find_rule(rule, path) if isinstance(rule, str) else rule
+    if found.window is None:
+        raise RuleValidationError(
+            f"rule {found.id!r} is not a window rule; use --payload", rule_id=found.id
+        )
+
+    async def run() -> WindowTestResult:
+        async with RuleEngine() as engine:
+            return await engine.test_window_rule(found, events, topic=topic, close_open=close_open)
+
+    return asyncio.run(run())
+
+
 __all__ = [
     "DEFAULT_RULES_PATH",
     "ValidationReport",
     "find_rule",
     "run_rule_test",
     "run_rule_test_async",
+    "run_window_rule_test",
     "validate_rules",
 ]

@@ -20,6 +20,7 @@ from scripts.bench.http import scenario_http
 from scripts.bench.latency import scenario_latency
 from scripts.bench.report import write_report
 from scripts.bench.retention import scenario_retention
+from scripts.bench.windows import scenario_windows
 from scripts.bench.workers import scenario_workers
 
 #: Scenario names and the issue's ids for them; ``drain-pg`` is drain on PostgreSQL.
@@ -33,6 +34,7 @@ SCENARIO_NAMES = (
     "forward",
     "catchup",
     "retention",
+    "windows",
 )
 
 IDS = {
@@ -47,6 +49,7 @@ IDS = {
     "S2": "storm",
     "F1": "forward",
     "F2": "catchup",
+    "W1": "windows",
 }
 
 SCENARIOS = {
@@ -59,6 +62,7 @@ SCENARIOS = {
     "forward": scenario_forward,
     "catchup": scenario_catchup,
     "retention": scenario_retention,
+    "windows": scenario_windows,
 }
 
 
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated scenarios or ids: drain, shipped, storm, latency, http, workers, "
         "retention (scripts/bench_retention.py); "
         "P1/P3/P5=drain, P2=latency, P4=http, P7=workers, P8=drain on PostgreSQL, "
-        "S1=shipped, S2=storm, F1=forward, F2=catchup (default: drain,latency,http)",
+        "S1=shipped, S2=storm, F1=forward, F2=catchup, W1=windows (10 stateless vs 10 window "
+        "rules, 3 alternating rounds) (default: drain,latency,http)",
     )
     parser.add_argument(
         "--messages", type=int, default=100_000, help="backlog (drain) or flood (workers) size"

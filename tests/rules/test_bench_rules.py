@@ -37,11 +37,25 @@ def rules(count: int) -> list[Rule]:
     return out
 
 
-def events() -> list[Any]:
+def window_rules(count: int) -> list[Rule]:
+    """``count`` 60 s tumbling windows per device (the shipped example's shape)."""
+    return [
+        Rule(
+            id=f"w{k}",
+            topic="devices/+/telemetry",
+            window={"type": "tumbling", "size_s": 60},
+            select={"avg_t": "avg(temperature)", "max_h": "max(humidity)", "n": "count()"},
+            when=f"avg_t > {90 + k % 7} and n >= 3",
+        )
+        for k in range(count)
+    ]
+
+
+def events(devices: int = 50) -> list[Any]:
     return [
         make_event(
             {"temperature": 20.5 + i % 20, "humidity": 40 + i % 30, "battery": 80, "status": "ok"},
-            f"devices/d{i % 50}/telemetry",
+            f"devices/d{i % devices}/telemetry",
             received_at=1_700_000_000.0 + i,
         )
         for i in range(BATCH)
@@ -64,6 +78,27 @@ def test_bench_evaluate_batch(benchmark: Any, count: int, fuse: bool) -> None:
         assert isinstance(result, list)
         benchmark.extra_info["events_per_batch"] = BATCH
         benchmark.extra_info["rules"] = count
+        loop.run_until_complete(engine.__aexit__(None, None, None))
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("kind", ["stateless", "window"])
+def test_bench_window_rules(benchmark: Any, kind: str) -> None:
+    """10 stateless rules against 10 window rules, 100 devices (issue 14's cost target)."""
+    loop = asyncio.new_event_loop()
+    try:
+        engine = RuleEngine()
+        loop.run_until_complete(engine.__aenter__())
+        chosen = rules(10) if kind == "stateless" else window_rules(10)
+        loop.run_until_complete(engine.reload(chosen))
+        batch = events(devices=100)
+        loop.run_until_complete(engine.evaluate_batch(batch))
+        result = benchmark.pedantic(
+            lambda: loop.run_until_complete(engine.evaluate_batch(batch)), rounds=50, iterations=1
+        )
+        assert isinstance(result, list)
+        benchmark.extra_info["events_per_batch"] = BATCH
         loop.run_until_complete(engine.__aexit__(None, None, None))
     finally:
         loop.close()

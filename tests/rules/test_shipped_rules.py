@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from flux.rules import Rule, RuleEngine, validate_rules
+from flux.rules.testing import TimedEvent
 
 from .conftest import RULES_DIR, make_event
 
@@ -47,6 +48,25 @@ async def test_rule_matches_or_not(
     result = await engine.test_rule(shipped_rules[rule_id], payload, topic)
     assert result.error is None
     assert result.matched is matched
+
+
+async def test_hot_average_matches_a_hot_minute_of_three_readings(
+    engine: RuleEngine, shipped_rules: dict[str, Rule]
+) -> None:
+    rule = shipped_rules["hot-average"]
+    start = 1_700_000_040.0
+    hot = [
+        TimedEvent({"temperature": t, "humidity": 50}, start + i, "d1")
+        for i, t in enumerate([30.5, 31.0, 31.5])
+    ]
+    warm = [TimedEvent({"temperature": 31.0}, start + i, "d2") for i in range(2)]  # too few
+    cool = [TimedEvent({"temperature": t}, start + i, "d3") for i, t in enumerate([29, 30, 31])]
+    result = await engine.test_window_rule(rule, [*hot, *warm, *cool], close_open=True)
+    assert result.error is None
+    matched = {w.output["device_id"]: w.matched for w in result.windows}
+    assert matched == {"d1": True, "d2": False, "d3": False}
+    [d1] = [w.output for w in result.windows if w.matched]
+    assert d1["avg_t"] == 31.0 and d1["max_t"] == 31.5 and d1["min_h"] == 50 and d1["n"] == 3
 
 
 async def test_geofence_outputs_distance(
