@@ -479,7 +479,7 @@ class RuleEngine:
         changes, self._state_changes = self._state_changes, []
         if self._windows:
             # One packed row per group key a batch or the clock touched (not one per rule).
-            changes.extend(pack_windows(self._windows.changes(), self._windows.rows_for))
+            changes.extend(pack_windows(self._windows.take_changed_keys(), self._windows.parts))
         if changes:
             kinds = Counter(row.kind for row in changes)
             for kind, count in kinds.items():
@@ -541,7 +541,7 @@ class RuleEngine:
         used = 0
         for row in unpack_windows(rows):
             rule_index = ruleset.index.get(row.rule_id)
-            if rule_index is None or row.value is None:
+            if rule_index is None or not isinstance(row.value, (dict, list)):
                 continue
             rule = ruleset.rules[rule_index - 1]
             if row.fingerprint != fingerprint(rule):

@@ -7,7 +7,9 @@ that batch's alerts, and at start (or on a device's first message) they are read
 
 Window rows are stored packed: one ``windows`` row per group key holding the open windows
 of every window rule for that key (``pack_windows``), so a batch writes one row per group
-it touched rather than one per rule and group.
+it touched rather than one per rule and group. They are encoded as they are handed out
+(an ``orjson.Fragment``): the windows keep changing while the rows wait for their commit,
+and encoding once is cheaper than copying them first.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class StateRow:
 
     ``fingerprint`` names what the state depends on (the rule's condition, script or
     window); state whose fingerprint no longer matches its rule is dropped on load.
-    ``value`` is JSON-able (a script's table: ``state_value``); ``None`` deletes the row.
+    ``value`` is JSON-able (a script's table: ``state_value``; a packed window row's JSON,
+    already encoded); ``None`` deletes the row.
     ``version`` goes up with every write of a key (0: not counted), so an instance can tell
     that another one wrote the key since it last read or wrote it.
     """
@@ -41,7 +44,7 @@ class StateRow:
     kind: StateKind
     key: str
     fingerprint: str
-    value: dict[str, Any] | list[Any] | None
+    value: dict[str, Any] | list[Any] | orjson.Fragment | None
     version: int = 0
 
 
@@ -111,19 +114,16 @@ PACKED = ""
 
 
 def pack_windows(
-    changed: Sequence[StateRow], current: Callable[[str], Sequence[StateRow]]
+    keys: Iterable[str], parts: Callable[[str], dict[str, dict[str, Any]]]
 ) -> list[StateRow]:
-    """One ``windows`` row per group key among ``changed`` (per-rule ``window`` rows),
-    holding every window rule's open windows for that key as ``current(key)`` gives them
-    (``None`` once no rule has one)."""
+    """One ``windows`` row per group key in ``keys``, holding every window rule's open
+    windows for that key as ``parts(key)`` gives them (rule id -> fingerprint and value),
+    encoded now; ``None`` once no rule has one."""
     packed = []
-    for key in dict.fromkeys(row.key for row in changed):
-        rules = {
-            row.rule_id: {"fingerprint": row.fingerprint, "value": row.value}
-            for row in current(key)
-            if row.value is not None
-        }
-        packed.append(StateRow(PACKED, "windows", key, "", rules or None))
+    for key in keys:
+        rules = parts(key)
+        value = orjson.Fragment(orjson.dumps(rules)) if rules else None
+        packed.append(StateRow(PACKED, "windows", key, "", value))
     return packed
 
 

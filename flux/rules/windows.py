@@ -445,15 +445,19 @@ class RuleWindows:
         if len(self.changed) > limit:
             self.changed.intersection_update(self.groups)
 
+    def value(self, key: str) -> dict[str, Any] | None:
+        """Return group ``key``'s open windows as stored (None when it has none); the
+        windows in it are the live ones: encode or copy them before the next ``add``."""
+        group = self.groups.get(key)
+        if group is None or not group.windows:
+            return None
+        return {"windows": list(group.windows.values()), "meta": list(group.last_meta())}
+
     def row(self, key: str) -> StateRow:
         """Return the state row of group ``key`` (``value`` None when it has no open window)."""
-        group = self.groups.get(key)
-        value: dict[str, Any] | None = None
-        if group is not None and group.windows:
-            value = {
-                "windows": [list(window) for window in group.windows.values()],
-                "meta": list(group.last_meta()),
-            }
+        value = self.value(key)
+        if value is not None:
+            value["windows"] = [list(window) for window in value["windows"]]
         return StateRow(self.rule.id, "window", key, self.fingerprint, value)
 
     def changes(self) -> list[StateRow]:
@@ -609,9 +613,26 @@ class WindowStore:
                 rows.extend(windows.changes())
         return rows
 
-    def rows_for(self, key: str) -> list[StateRow]:
-        """Every window rule's row of group ``key`` (those holding it)."""
-        return [windows.row(key) for windows in self._order if key in windows.groups]
+    def take_changed_keys(self) -> list[str]:
+        """Return the group keys whose windows changed (in any rule, or with a rule gone)
+        since the last call, and forget them: what ``pack_windows`` writes."""
+        keys = dict.fromkeys(row.key for row in self._deleted)
+        self._deleted = []
+        for windows in self._order:
+            if windows.changed:
+                keys.update(dict.fromkeys(windows.changed))
+                windows.changed.clear()
+        return list(keys)
+
+    def parts(self, key: str) -> dict[str, dict[str, Any]]:
+        """Every window rule's open windows of group ``key`` (rule id -> fingerprint and
+        value; live windows, see ``RuleWindows.value``)."""
+        parts = {}
+        for windows in self._order:
+            value = windows.value(key)
+            if value is not None:
+                parts[windows.rule.id] = {"fingerprint": windows.fingerprint, "value": value}
+        return parts
 
     def restore(self, rows: Iterable[StateRow]) -> int:
         """Load window rows of live rules whose fingerprint matches; return how many loaded."""

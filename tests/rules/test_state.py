@@ -186,20 +186,31 @@ async def test_a_rule_test_leaves_no_state_to_write(engine: RuleEngine) -> None:
 
 
 def test_window_rows_pack_by_group_key_and_unpack_again() -> None:
-    changed = [
-        StateRow("w1", "window", "d1", "f1", {"windows": [[0, 60, 3]]}),
-        StateRow("w2", "window", "d1", "f2", {"windows": [[0, 60, 4]]}),
-        StateRow("w1", "window", "d2", "f1", None),
-    ]
-    current = {
-        "d1": [changed[0], changed[1], StateRow("w3", "window", "d1", "f3", {"windows": []})],
-        "d2": [changed[2]],
+    windows = [[0, 60, 3]]
+    parts = {
+        "d1": {
+            "w1": {"fingerprint": "f1", "value": {"windows": windows}},
+            "w2": {"fingerprint": "f2", "value": {"windows": [[0, 60, 4]]}},
+        },
+        "d2": {},
     }
-    packed = pack_windows(changed, lambda key: current[key])
+    packed = pack_windows(["d1", "d2"], parts.__getitem__)
     assert [(row.rule_id, row.kind, row.key) for row in packed] == [
         ("", "windows", "d1"),
         ("", "windows", "d2"),
     ]
     assert packed[1].value is None  # no rule has an open window for d2: the row goes
-    unpacked = unpack_windows([*packed, changed[0]])
-    assert unpacked == [*current["d1"], changed[0]]
+    windows[0][2] = 99  # the live windows change on: the row holds them as they were
+    # as the database gives them back: through JSON
+    stored = [
+        StateRow(
+            row.rule_id, row.kind, row.key, row.fingerprint, orjson.loads(orjson.dumps(row.value))
+        )
+        for row in packed[:1]
+    ]
+    script = StateRow("s1", "script", "d1", "f9", {"n": 1})
+    assert unpack_windows([*stored, script]) == [
+        StateRow("w1", "window", "d1", "f1", {"windows": [[0, 60, 3]]}),
+        StateRow("w2", "window", "d1", "f2", {"windows": [[0, 60, 4]]}),
+        script,
+    ]

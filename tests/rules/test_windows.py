@@ -435,6 +435,27 @@ def test_changes_and_restore_round_trip() -> None:
     second.sync([])
 
 
+def test_changed_keys_come_out_once_with_every_rules_windows_of_the_key() -> None:
+    first, second = window_rule(id="w1"), window_rule(id="w2", select={"n": "count()"})
+    store = WindowStore()
+    store.sync([first, second])
+    store.add([ev({"temperature": 10}, "d1"), ev({"temperature": 20}, "d2")], T0)
+    assert sorted(store.take_changed_keys()) == ["d1", "d2"]
+    assert store.take_changed_keys() == []  # handed out once
+    parts = store.parts("d1")
+    assert {rule_id: part["fingerprint"] for rule_id, part in parts.items()} == {
+        "w1": fingerprint(first),
+        "w2": fingerprint(second),
+    }
+    assert parts["w2"]["value"]["meta"][1] == "d1"
+    store.sync([first])  # w2 gone: its groups change
+    assert sorted(store.take_changed_keys()) == ["d1", "d2"]
+    assert list(store.parts("d1")) == ["w1"]
+    store.sync([])
+    assert sorted(store.take_changed_keys()) == ["d1", "d2"]
+    assert store.parts("d1") == {}
+
+
 async def test_engine_exposes_window_changes_and_restore() -> None:
     rule = window_rule()
     async with RuleEngine() as engine:
