@@ -24,7 +24,9 @@ from tests.harness import (
     write_config,
 )
 
-pytestmark = pytest.mark.slow
+#: Its waits add up to more than the suite's 120 s per test: a slow run should end in the
+#: wait that names what was missing (with the gateway's log), not in pytest-timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PER_DEVICE = 5000
 
@@ -86,7 +88,14 @@ async def test_sigkill_while_forwarding_a_backlog_loses_nothing_upstream(
             order = first_arrivals_in_order(listener.received())
             return all(len(order.get(dev, [])) == PER_DEVICE for dev in devs)
 
-        await wait_until(complete, timeout=120, what="the whole backlog upstream")
+        try:
+            await wait_until(complete, timeout=120, what="the whole backlog upstream")
+        except AssertionError:
+            order = first_arrivals_in_order(listener.received())
+            arrived = {dev: len(order.get(dev, [])) for dev in devs}
+            raise AssertionError(
+                f"upstream has {arrived} of {PER_DEVICE} per device:\n{second.log()[-3000:]}"
+            ) from None
         await wait_until(
             lambda: _outbox_empty(db), timeout=30, what="the delivered rows deleted"
         )
