@@ -216,11 +216,16 @@ class Gateway:
         (another instance may have handled them)."""
         rows = await load_rule_state(self.engine)
         used = await self.rules.restore_state(rows)
-        current = {
-            status.id: fingerprint(status.rule) for status in self.rules.rules() if status.rule
-        }
-        purged = await purge_stale(self.engine, current)
+        statuses = self.rules.rules()
+        current = {status.id: fingerprint(status.rule) for status in statuses if status.rule}
+        clean = not self.rule_sources.load_errors and all(status.rule for status in statuses)
+        purged = await purge_stale(self.engine, current, drop_absent=clean)
         log.info("rule state: %d rows restored, %d stale rows dropped", used, purged)
+        if not clean:
+            log.warning(
+                "rules failed to load: the stored state of rules missing now is kept until "
+                "a start where every rule loads"
+            )
         group = self.settings.mqtt.shared_group
         stateful = sorted(
             status.id

@@ -20,6 +20,8 @@ import orjson
 from sqlalchemy import select
 
 from flux.config import Settings, load_settings
+from flux.rules.state import StateRow, fingerprint
+from flux.store.rule_state import load_rule_state, write_rule_state
 from flux.store.schema import alerts, dead_letters, devices, events
 from tests.harness import (
     Db,
@@ -28,6 +30,7 @@ from tests.harness import (
     PrivateMosquitto,
     fleet,
     fleet_messages,
+    make_settings,
     unique,
     wait_until,
 )
@@ -156,3 +159,39 @@ async def _stored(db: Db, total: int) -> bool:
             if len(rows.all()) < total:
                 return False
     return True
+
+
+COUNTING_RULE = '''
+[[rules]]
+id = "counting"
+topic = "devices/+/telemetry"
+script = """
+state.n = (state.n or 0) + 1
+return false
+"""
+'''
+
+
+async def test_a_rule_file_that_fails_to_load_keeps_its_rules_stored_state(
+    tmp_path: Path, broker: tuple[str, int], start_gateway: Any
+) -> None:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    rule_file = rules_dir / "counting.toml"
+    rule_file.write_text(COUNTING_RULE)
+    settings = make_settings(tmp_path, broker)
+    async with start_gateway(settings) as gateway:
+        status = gateway.rules.status("counting")
+        assert status is not None and status.rule is not None
+        stored = StateRow("counting", "script", "d1", fingerprint(status.rule), {"n": 7}, 1)
+        async with gateway.engine.begin() as conn:
+            await write_rule_state(conn, [stored])
+
+    rule_file.write_text(COUNTING_RULE + "\n[[rules]\n")  # a typo: the file does not load
+    async with start_gateway(settings) as gateway:
+        assert gateway.rules.status("counting") is None
+        assert await load_rule_state(gateway.engine) == [stored]
+
+    rule_file.unlink()  # the rule deleted for good, and every rule loads
+    async with start_gateway(settings) as gateway:
+        assert await load_rule_state(gateway.engine) == []

@@ -84,19 +84,27 @@ async def write_rule_state(conn: AsyncConnection, rows: Sequence[StateRow]) -> N
         )
 
 
-async def purge_stale(engine: AsyncEngine, current: dict[str, str]) -> int:
-    """Delete the rows whose rule is gone or whose fingerprint is not its rule's any more
-    (``current``: rule id -> fingerprint); return how many."""
-    stale = or_(
+async def purge_stale(
+    engine: AsyncEngine, current: dict[str, str], *, drop_absent: bool = True
+) -> int:
+    """Delete the rows whose rule has another fingerprint now (``current``: rule id ->
+    fingerprint) and, with ``drop_absent``, those whose rule is gone; return how many.
+
+    After a load with errors pass ``drop_absent=False``: a rule missing then may only have
+    a typo in its file, and its state should wait for the fix, not be wiped."""
+    changed = [
+        and_(rule_state.c.rule_id == rule_id, rule_state.c.fingerprint != fingerprint)
+        for rule_id, fingerprint in current.items()
+    ]
+    if drop_absent:
         # Packed window rows hold several rules: their parts are checked as they are read.
-        and_(rule_state.c.rule_id.not_in(list(current)), rule_state.c.kind != "windows"),
-        *(
-            and_(rule_state.c.rule_id == rule_id, rule_state.c.fingerprint != fingerprint)
-            for rule_id, fingerprint in current.items()
-        ),
-    )
+        changed.append(
+            and_(rule_state.c.rule_id.not_in(list(current)), rule_state.c.kind != "windows")
+        )
+    if not changed:
+        return 0
     async with engine.begin() as conn:
-        result = await conn.execute(delete(rule_state).where(stale))
+        result = await conn.execute(delete(rule_state).where(or_(*changed)))
     return int(result.rowcount or 0)
 
 

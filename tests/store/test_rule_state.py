@@ -14,7 +14,7 @@ from flux.events import Event, make_event
 from flux.rules.state import StateRow
 from flux.store.database import create_engine
 from flux.store.migrate import upgrade_async
-from flux.store.rule_state import load_keys, load_rule_state
+from flux.store.rule_state import load_keys, load_rule_state, purge_stale, write_rule_state
 from flux.store.writer import StoreWriter
 
 
@@ -60,3 +60,41 @@ async def test_sqlite_commits_rule_state_with_the_batch(tmp_path: Path) -> None:
 @pytest.mark.postgres
 async def test_postgresql_commits_rule_state_with_the_batch(pg_url: str) -> None:
     await _round_trip(pg_url)
+
+
+async def _purges(url: str) -> None:
+    config = DatabaseConfig(url=url)
+    await upgrade_async(config)
+    engine = create_engine(config)
+    kept = StateRow("ring", "script", "a", "fp", {"n": 1}, 1)
+    changed = StateRow("ring", "script", "b", "old-fp", {"n": 2}, 1)
+    gone = StateRow("deleted-rule", "script", "a", "fp", {"n": 3}, 1)
+    packed = StateRow("", "windows", "a", "", {"deleted-rule": {"fingerprint": "f", "value": {}}})
+    try:
+        async with engine.begin() as conn:
+            await write_rule_state(conn, [kept, changed, gone, packed])
+        # A load with errors: the rule missing now may only have a typo; its rows wait.
+        assert await purge_stale(engine, {"ring": "fp"}, drop_absent=False) == 1
+        assert {(row.rule_id, row.key) for row in await load_rule_state(engine)} == {
+            ("ring", "a"),
+            ("deleted-rule", "a"),
+            ("", "a"),
+        }
+        assert await purge_stale(engine, {"ring": "fp"}) == 1  # a clean load: gone goes
+        rows = sorted(await load_rule_state(engine), key=lambda row: row.rule_id)
+        assert rows == [packed, kept]
+    finally:
+        await engine.dispose()
+
+
+async def test_sqlite_drops_stale_state_and_keeps_a_missing_rules_after_a_bad_load(
+    tmp_path: Path,
+) -> None:
+    await _purges(f"sqlite+aiosqlite:///{tmp_path}/flux.db")
+
+
+@pytest.mark.postgres
+async def test_postgresql_drops_stale_state_and_keeps_a_missing_rules_after_a_bad_load(
+    pg_url: str,
+) -> None:
+    await _purges(pg_url)
