@@ -50,6 +50,7 @@ from flux.metrics import (
     EVENTS_PUBLISHED,
     SUBSCRIBER_ERRORS,
 )
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -526,10 +527,7 @@ class EventBus:
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
         self._running = False
-        tasks = [sub.task for sub in self._subscriptions if sub.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*(sub.task for sub in self._subscriptions))
         for subscription in self._subscriptions:
             subscription.task = None
             for _, waiter in subscription.blocked:

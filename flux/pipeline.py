@@ -25,7 +25,6 @@ committed with the batch, which the sinks (``flux.sinks``) deliver.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +49,7 @@ from flux.rules import (
 )
 from flux.rules.state import StateRow
 from flux.sinks.rows import OutboxRow
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,7 @@ class WindowTimer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         failing = False

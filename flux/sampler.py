@@ -10,7 +10,6 @@ running total itself. A sample reads a handful of collectors: cheap next to one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Self
 
 from flux.config import MetricsConfig
 from flux.snapshot import MetricsSnapshot, Window
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,7 @@ class MetricsSampler:
 
     async def __aexit__(self, *exc_info: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -37,6 +37,7 @@ from flux.config import RETAINED_TABLES, Settings, load_settings
 from flux.errors import ConfigError, FluxError
 from flux.ingest.broker import EmbeddedBroker, broker_answers
 from flux.retry import Backoff
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +254,7 @@ class Supervisor:
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(*tasks)
             for worker in self._workers:
                 if worker.process is not None and worker.process.returncode is None:
                     worker.process.kill()

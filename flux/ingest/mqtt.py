@@ -32,6 +32,7 @@ from flux.ingest._gmqtt import IngestClient, connect
 from flux.ingest.broker import MqttBroker
 from flux.metrics import DEGRADED, MQTT_CONNECTED, MQTT_MESSAGES, MQTT_RECONNECTS, MQTT_STALE_ACKS
 from flux.retry import Backoff
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,7 @@ class MqttIngest:
         self._accepting = False
 
     async def stop(self) -> None:
-        connector = self._connector
-        if connector is not None:
-            connector.cancel()
-            await asyncio.gather(connector, return_exceptions=True)
+        await cancel_and_wait(self._connector)
         client, self._client = self._client, None
         if client is None:
             return

@@ -24,6 +24,7 @@ from flux.retry import Backoff
 from flux.store._pg_listen import PgListener
 from flux.store.database import writer_connection
 from flux.store.schema import ruleset_version
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ class RulesetSync:
 
     async def __aexit__(self, *exc_info: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
         if self._listener is not None:
             await self._listener.__aexit__(None, None, None)
 

@@ -40,6 +40,7 @@ from flux.sinks.outbox import OutboxReader
 from flux.sinks.rows import OutboxRow, TopicTemplate, envelope, new_row_id, template_values
 from flux.sinks.sender import OrderedSink
 from flux.sinks.webhooks import WEBHOOKS, WebhookSink
+from flux.tasks import cancel_and_wait
 from flux.topics import TopicMatcher
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,7 @@ class Sinks:
 
     async def __aexit__(self, *exc_info: object) -> None:
         monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
+        await cancel_and_wait(monitor)
         started, self._started = self._started, []
         for sink in reversed(started):
             try:

@@ -37,6 +37,7 @@ from flux.retry import Backoff
 from flux.sinks.metrics import SINK_CONNECTED, SINK_FAILURES
 from flux.sinks.rows import OutboxRow
 from flux.sinks.sender import Confirm
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,7 @@ class MqttSession:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
-        if self._connector is not None:
-            self._connector.cancel()
-            await asyncio.gather(self._connector, return_exceptions=True)
+        await cancel_and_wait(self._connector)
         if self.pending:
             log.warning(
                 "sink %s: %d messages not confirmed by the broker at shutdown; they stay in "

@@ -27,6 +27,7 @@ from flux.retry import Backoff
 from flux.sinks.metrics import SINK_CONNECTED, SINK_DROPPED, SINK_FAILURES, SINK_SENT
 from flux.sinks.outbox import OutboxReader, row_created_at
 from flux.sinks.rows import OutboxRow
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ class OrderedSink:
 
     async def __aexit__(self, *exc_info: object) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await self.transport.__aexit__(None, None, None)
         if self.leased:
             with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ from typing import Any, Self
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flux.retry import Backoff
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,7 @@ class PgListener:
 
     async def __aexit__(self, *exc_info: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self._on_notify(payload)

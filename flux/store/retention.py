@@ -42,6 +42,7 @@ from flux.metrics import DB_SIZE, RETENTION_ERRORS, RETENTION_PURGED
 from flux.store.schema import alerts, dead_letters, events, metadata
 from flux.store.sqlite_batch import SqliteTime
 from flux.store.writer import StoreWriter
+from flux.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,9 +161,7 @@ class Retention:
 
     async def __aexit__(self, *exc_info: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -55,6 +55,7 @@ from flux.store.rule_state import write_rule_state
 from flux.store.schema import alerts, dead_letters
 from flux.store.schema import outbox as outbox_table
 from flux.store.sqlite_batch import DeviceSummary, PreparedBatch, SqliteBatchWriter
+from flux.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from flux.store.postgres_batch import PostgresBatchWriter
@@ -217,13 +218,10 @@ class StoreWriter:
         task, self._dead_letter_task = self._dead_letter_task, None
         if task is not None:
             await self._drain_dead_letters(timeout=5.0)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
         await self.flush()
         rider_task, self._rider_task = self._rider_task, None
-        if rider_task is not None:
-            rider_task.cancel()
-            await asyncio.gather(rider_task, return_exceptions=True)
+        await cancel_and_wait(rider_task)
         if self._riders:
             await self._commit_riders_alone()
         if self._riders.rows_waiting:
