@@ -459,27 +459,13 @@ class RuleEngine:
         """Return whether the active ruleset has window rules."""
         return bool(self._windows)
 
-    def window_changes(self) -> list[StateRow]:
-        """Return the window state rows changed since the last call (kind ``"window"``, key =
-        group key, ``value`` None = the group has no open window any more), and forget them.
-
-        Call it on the loop between batches (after ``evaluate_batch``/``close_windows``);
-        with ``offload`` the Lua thread is idle then.
-        """
-        return self._windows.changes()
-
-    def restore_windows(self, rows: Iterable[StateRow]) -> int:
-        """Load window state rows (after a reload, before events flow); rows of unknown
-        rules or with another fingerprint are ignored. Return how many were loaded."""
-        return self._windows.restore(rows)
-
     def take_state_changes(self) -> list[StateRow]:
         """The rule state changed since the last call (script state per device, quarantine):
         the rows to commit with the batch's alerts."""
         changes, self._state_changes = self._state_changes, []
-        if self._windows:
-            # One packed row per group key a batch or the clock touched (not one per rule).
-            changes.extend(pack_windows(self._windows.take_changed_keys(), self._windows.parts))
+        # One packed row per group key a batch or the clock touched (not one per rule); also
+        # once the last window rule is gone, so its groups' rows are deleted.
+        changes.extend(pack_windows(self._windows.take_changed_keys(), self._windows.parts))
         if changes:
             kinds = Counter(row.kind for row in changes)
             for kind, count in kinds.items():

@@ -36,7 +36,8 @@ _START, _END, _N, _FIRST_T, _LAST_T = range(5)
 _FIXED = 5
 #: Topics whose matching window rules are remembered; beyond that the memo starts again.
 _TOPIC_PLANS = 65_536
-#: Changed keys kept for a reader of ``changes()`` before stale ones are forgotten, per group cap.
+#: Changed keys kept for ``WindowStore.take_changed_keys()`` before stale ones are
+#: forgotten, per group cap.
 _CHANGED_SLACK = 2
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -440,7 +441,7 @@ class RuleWindows:
     # -- state rows -----------------------------------------------------------------------
 
     def _bound_changed(self) -> None:
-        """Without a reader of ``changes()``, forget keys that no longer have windows."""
+        """Without a reader of ``take_changed_keys()``, forget keys that no longer have windows."""
         limit = _CHANGED_SLACK * self.rule.max_groups + 1024
         if len(self.changed) > limit:
             self.changed.intersection_update(self.groups)
@@ -452,24 +453,6 @@ class RuleWindows:
         if group is None or not group.windows:
             return None
         return {"windows": list(group.windows.values()), "meta": list(group.last_meta())}
-
-    def row(self, key: str) -> StateRow:
-        """Return the state row of group ``key`` (``value`` None when it has no open window)."""
-        value = self.value(key)
-        if value is not None:
-            value["windows"] = [list(window) for window in value["windows"]]
-        return StateRow(self.rule.id, "window", key, self.fingerprint, value)
-
-    def changes(self) -> list[StateRow]:
-        """Return the rows of the groups changed since the last call, and forget them."""
-        rows = [self.row(key) for key in self.changed]
-        self.changed.clear()
-        return rows
-
-    def deleted(self) -> list[StateRow]:
-        """Return a deleting row for every group (the rule, or its window, is gone)."""
-        keys = set(self.groups) | self.changed
-        return [StateRow(self.rule.id, "window", key, self.fingerprint, None) for key in keys]
 
     def restore(self, row: StateRow) -> bool:
         """Load one group's windows from ``row``; return whether it was taken."""
@@ -520,7 +503,8 @@ class WindowStore:
         self._matcher = TopicMatcher([])
         self._order: list[RuleWindows] = []
         self._plans: dict[str, tuple[RuleWindows, ...]] = {}
-        self._deleted: list[StateRow] = []
+        #: Group keys of windows dropped by a reload (their rows must be written again).
+        self._deleted: set[str] = set()
         #: Seconds each rule's windows took over the last ``add``'s events, by rule id.
         self.seconds: dict[str, float] = {}
 
@@ -536,7 +520,7 @@ class WindowStore:
 
     def sync(self, rules: Iterable[Rule]) -> None:
         """Follow a reload: keep a rule's windows when its fingerprint is unchanged, else
-        start it empty; the groups of dropped windows become deleting rows in ``changes()``."""
+        start it empty; the groups of dropped windows come out of ``take_changed_keys()``."""
         kept: dict[str, RuleWindows] = {}
         for rule in rules:
             if rule.window is None:
@@ -549,7 +533,7 @@ class WindowStore:
                 kept[rule.id] = RuleWindows(rule)
         for rule_id, old in self._rules.items():
             if kept.get(rule_id) is not old:
-                self._deleted.extend(old.deleted())
+                self._deleted |= old.groups.keys() | old.changed
                 if rule_id not in kept:
                     old.forget_metrics()
         self._rules = kept
@@ -605,19 +589,11 @@ class WindowStore:
             closed.extend(windows.due(now))
         return closed
 
-    def changes(self) -> list[StateRow]:
-        """Return the state rows changed since the last call (``value`` None: delete it)."""
-        rows, self._deleted = self._deleted, []
-        for windows in self._order:
-            if windows.changed:
-                rows.extend(windows.changes())
-        return rows
-
     def take_changed_keys(self) -> list[str]:
         """Return the group keys whose windows changed (in any rule, or with a rule gone)
         since the last call, and forget them: what ``pack_windows`` writes."""
-        keys = dict.fromkeys(row.key for row in self._deleted)
-        self._deleted = []
+        keys = dict.fromkeys(self._deleted)
+        self._deleted = set()
         for windows in self._order:
             if windows.changed:
                 keys.update(dict.fromkeys(windows.changed))

@@ -12,7 +12,7 @@ import pytest
 from flux.events import Event
 from flux.rules import RuleEngine, RuleValidationError, load_rules_text, parse_rule
 from flux.rules.model import Rule
-from flux.rules.state import StateRow, fingerprint
+from flux.rules.state import StateRow, fingerprint, pack_windows, unpack_windows
 from flux.rules.testing import TimedEvent
 from flux.rules.windows import RuleWindows, WindowStore
 
@@ -339,6 +339,26 @@ def test_event_time_places_events_by_their_own_time_and_drops_late_ones() -> Non
     windows.forget_metrics()
 
 
+def changed(store: WindowStore) -> dict[str, dict[str, Any]]:
+    """The groups changed since the last call, each with every rule's windows of it ({}:
+    its row is deleted)."""
+    return {key: store.parts(key) for key in store.take_changed_keys()}
+
+
+def stored_rows(store: WindowStore) -> list[StateRow]:
+    """The changed groups' rows as a restart reads them: packed, through the database's
+    JSON, unpacked."""
+    return unpack_windows(through_json(pack_windows(store.take_changed_keys(), store.parts)))
+
+
+def through_json(rows: list[StateRow]) -> list[StateRow]:
+    """``rows`` as the database gives them back."""
+    return [
+        StateRow(r.rule_id, r.kind, r.key, r.fingerprint, orjson.loads(orjson.dumps(r.value)))
+        for r in rows
+    ]
+
+
 # -- the cap ------------------------------------------------------------------------------
 
 
@@ -354,8 +374,8 @@ def test_the_oldest_group_is_evicted_at_the_cap_and_counted() -> None:
     assert list(windows.groups) == ["d2", "d3"] and windows.evicted == 1
     assert metric("flux_window_groups_evicted_total", rule="capped") == before + 1
     assert metric("flux_windows_open", rule="capped") == 2
-    rows = {row.key: row.value for row in store.changes()}
-    assert rows["d1"] is None and rows["d3"] is not None
+    rows = changed(store)
+    assert rows["d1"] == {} and rows["d3"] != {}  # d1's row goes, d3's is written
     store.sync([])
 
 
@@ -366,17 +386,16 @@ def test_reload_keeps_windows_when_the_fingerprint_holds_and_drops_them_otherwis
     store = WindowStore()
     store.sync([window_rule()])
     store.add([ev({"temperature": 10})], T0)
-    store.changes()
+    store.take_changed_keys()
     store.sync([window_rule(when="n > 0", actions=[])])  # only when/actions changed: kept
     [kept] = store.due(T0 + 60)
     assert kept.output["n"] == 1
 
     store.add([ev({"temperature": 10})], T0 + 61)
-    store.changes()
+    store.take_changed_keys()
     store.sync([window_rule(select={"n": "count()"})])  # the select changed: dropped
     assert store.due(T0 + 1000) == []
-    [deleted] = store.changes()
-    assert (deleted.key, deleted.value) == ("d1", None)
+    assert changed(store) == {"d1": {}}  # d1's row goes
     store.sync([])
 
 
@@ -393,7 +412,9 @@ async def test_engine_reload_keeps_or_drops_open_windows() -> None:
         await engine.evaluate_batch([ev({"temperature": 10})])
         await engine.reload([])
         assert not engine.has_windows
-        assert {(r.key, r.value) for r in engine.window_changes()} == {("d1", None)}
+        assert {(r.kind, r.key, r.value) for r in engine.take_state_changes()} == {
+            ("windows", "d1", None)
+        }
 
 
 def test_a_reload_with_another_lateness_moves_the_closing_time() -> None:
@@ -410,17 +431,12 @@ def test_changes_and_restore_round_trip() -> None:
     rule = window_rule(window={"type": "session", "gap_s": 30}, select={"s": "sum(temperature)"})
     first = WindowStore()
     first.sync([rule])
-    assert first.changes() == []
+    assert first.take_changed_keys() == []
     first.add([ev({"temperature": 1}, "d1"), ev({"temperature": 2}, "d2")], T0)
-    rows = first.changes()
-    assert sorted(r.key for r in rows) == ["d1", "d2"]
-    assert all(r.kind == "window" and r.fingerprint == fingerprint(rule) for r in rows)
-    assert first.changes() == []
-    # as the database gives them back: through JSON
-    stored = [
-        StateRow(r.rule_id, r.kind, r.key, r.fingerprint, orjson.loads(orjson.dumps(r.value)))
-        for r in rows
-    ]
+    stored = stored_rows(first)
+    assert sorted(r.key for r in stored) == ["d1", "d2"]
+    assert all(r.kind == "window" and r.fingerprint == fingerprint(rule) for r in stored)
+    assert first.take_changed_keys() == []
 
     second = WindowStore()
     second.sync([rule])
@@ -430,7 +446,7 @@ def test_changes_and_restore_round_trip() -> None:
     closed = {c.key: c for c in second.due(T0 + 100)}
     assert closed["d1"].output["s"] == 11 and closed["d2"].output["s"] == 2
     assert closed["d2"].topic == "devices/d2/telemetry"
-    assert {r.key: r.value for r in second.changes()} == {"d1": None, "d2": None}
+    assert changed(second) == {"d1": {}, "d2": {}}
     first.sync([])
     second.sync([])
 
@@ -456,16 +472,16 @@ def test_changed_keys_come_out_once_with_every_rules_windows_of_the_key() -> Non
     assert store.parts("d1") == {}
 
 
-async def test_engine_exposes_window_changes_and_restore() -> None:
+async def test_engine_hands_out_one_packed_row_per_group_and_restores_it() -> None:
     rule = window_rule()
     async with RuleEngine() as engine:
         await engine.reload([rule])
         await engine.evaluate_batch([ev({"temperature": 12})])
-        rows = engine.window_changes()
-        assert [r.key for r in rows] == ["d1"]
+        rows = engine.take_state_changes()
+        assert [(r.kind, r.key) for r in rows] == [("windows", "d1")]
     async with RuleEngine() as engine:
         await engine.reload([rule])
-        assert engine.restore_windows(rows) == 1
+        assert await engine.restore_state(through_json(rows)) == 1
         [match] = await engine.close_windows(time.time() + 120)
         assert match.output is not None and match.output["avg_t"] == 12.0
 
@@ -475,10 +491,10 @@ async def test_stored_window_rows_are_loaded_at_start_with_the_other_state() -> 
     async with RuleEngine() as engine:
         await engine.reload([rule])
         await engine.evaluate_batch([ev({"temperature": 14})])
-        rows = engine.window_changes()
+        rows = engine.take_state_changes()
     async with RuleEngine() as engine:
         await engine.reload([window_rule(when="n >= 1", actions=[])])
-        assert await engine.restore_state(rows) == 1
+        assert await engine.restore_state(through_json(rows)) == 1
         [match] = await engine.close_windows(time.time() + 120)
         assert match.output is not None and match.output["avg_t"] == 14.0
 
