@@ -93,8 +93,10 @@ async def test_sigkill_while_forwarding_a_backlog_loses_nothing_upstream(
         except AssertionError:
             order = first_arrivals_in_order(listener.received())
             arrived = {dev: len(order.get(dev, [])) for dev in devs}
+            left = await db.count(outbox)  # still there: stuck; gone: lost on the way
             raise AssertionError(
-                f"upstream has {arrived} of {PER_DEVICE} per device:\n{second.log()[-3000:]}"
+                f"upstream has {arrived} of {PER_DEVICE} per device, {left} outbox rows left:\n"
+                f"{second.log()[-3000:]}"
             ) from None
         await wait_until(
             lambda: _outbox_empty(db), timeout=30, what="the delivered rows deleted"
