@@ -37,7 +37,7 @@ from flux.sinks.metrics import (
 )
 from flux.sinks.mqtt import MqttSession, MqttTransport
 from flux.sinks.outbox import OutboxReader
-from flux.sinks.rows import OutboxRow, TopicTemplate, envelope, new_row_id, template_values
+from flux.sinks.rows import OutboxRow, TopicTemplate, envelope, new_row_id
 from flux.sinks.sender import OrderedSink
 from flux.sinks.webhooks import WEBHOOKS, WebhookSink
 from flux.tasks import cancel_and_wait
@@ -92,13 +92,19 @@ class Sink(Protocol):
 class _Route:
     """How the events of one configured sink are rendered into its rows."""
 
-    __slots__ = ("config", "name", "template", "wants_envelope")
+    __slots__ = ("config", "name", "qos", "retain", "template", "wants_envelope")
 
     def __init__(self, name: str, config: MqttSinkConfig | HttpSinkConfig) -> None:
         self.name = name
         self.config = config
-        self.template = TopicTemplate(config.topic if isinstance(config, MqttSinkConfig) else "")
-        self.wants_envelope = isinstance(config, HttpSinkConfig) or config.envelope
+        if isinstance(config, MqttSinkConfig):
+            self.template = TopicTemplate(config.topic)
+            self.wants_envelope = config.envelope
+            self.qos, self.retain = config.qos, config.retain
+        else:  # HTTP: envelopes, POSTed in JSON arrays
+            self.template = TopicTemplate("")
+            self.wants_envelope = True
+            self.qos, self.retain = 1, False
 
     def row(
         self, event: Event, *, gateway: str, rule_id: str | None = None, output: Any = None
@@ -109,18 +115,17 @@ class _Route:
             payload = json_bytes(output)
         else:
             payload = event.raw
-        config = self.config
         return OutboxRow(
             id=new_row_id(),
             sink=self.name,
-            topic=self.template.render(template_values(event, gateway=gateway, rule_id=rule_id)),
+            topic=self.template.render(event, gateway=gateway, rule_id=rule_id),
             payload=payload,
             created_at=event.received_at,
             device_id=event.device_id,
             event_id=event.id,
             rule_id=rule_id,
-            qos=config.qos if isinstance(config, MqttSinkConfig) else 1,
-            retain=config.retain if isinstance(config, MqttSinkConfig) else False,
+            qos=self.qos,
+            retain=self.retain,
             hops=event.hops + 1,
         )
 
@@ -183,7 +188,8 @@ class Sinks:
         routed = [
             (name, topic) for name, route in self._routes.items() for topic in route.config.topics
         ]
-        self._route_names = [name for name, _ in routed]
+        #: The route of each filter the matcher holds, by its index.
+        self._route_of = [self._routes[name] for name, _ in routed]
         self._matcher = TopicMatcher([topic for _, topic in routed])
         self._routing = bool(routed)
         self._backlogged: set[str] = set()
@@ -239,12 +245,16 @@ class Sinks:
         if not self._routing:
             return []
         rows: list[OutboxRow] = []
-        match, names, routes = self._matcher.match, self._route_names, self._routes
+        match, route_of, gateway = self._matcher.match, self._route_of, self._gateway
         for event in batch:
             hits = match(event.topic)
-            if hits:
-                for name in dict.fromkeys(names[index] for index in hits):
-                    rows.append(routes[name].row(event, gateway=self._gateway))
+            if not hits:
+                continue
+            if len(hits) == 1:  # one filter of one sink: the usual case
+                rows.append(route_of[hits[0]].row(event, gateway=gateway))
+                continue
+            for route in dict.fromkeys(route_of[index] for index in hits):
+                rows.append(route.row(event, gateway=gateway))
         return rows
 
     def committed(self, rows: Sequence[OutboxRow]) -> None:

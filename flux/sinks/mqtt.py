@@ -56,8 +56,14 @@ def _noop() -> None:
     """Confirm nothing: a publish nobody waits for."""
 
 
+#: The variable byte integers below 128: one byte each (a short topic's property length).
+_ONE_BYTE = [bytes((value,)) for value in range(128)]
+
+
 def _varint(value: int) -> bytes:
     """MQTT's variable byte integer (remaining length, property length)."""
+    if value < 128:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         value, digit = divmod(value, 128)
@@ -73,20 +79,34 @@ def _utf8(text: str) -> bytes:
 
 @dataclass(slots=True)
 class _Outgoing:
-    """One queued message: everything of its PUBLISH but the packet id, and its confirm."""
+    """One queued message: its PUBLISH encoded but for the packet id, and its confirm."""
 
     qos: int
-    retain: bool
-    topic: bytes  # length-prefixed
-    properties: bytes  # length-prefixed (MQTT 5), or empty
-    payload: bytes
+    head: bytes  # fixed header and topic; a QoS 1 packet id goes after it
+    tail: bytes  # properties (MQTT 5) and payload
     confirm: Callable[[], None]
 
+    @classmethod
+    def publish(
+        cls,
+        *,
+        qos: int,
+        retain: bool,
+        topic: bytes,
+        properties: bytes,
+        payload: bytes,
+        confirm: Callable[[], None],
+    ) -> _Outgoing:
+        """``topic`` and ``properties`` come length-prefixed (properties: empty before
+        MQTT 5)."""
+        length = len(topic) + (2 if qos else 0) + len(properties) + len(payload)
+        head = bytes((0x30 | (qos << 1) | int(retain),)) + _varint(length) + topic
+        return cls(qos, head, properties + payload, confirm)
+
     def packet(self, mid: int) -> bytes:
-        body = self.topic + (_MID.pack(mid) if self.qos else b"") + self.properties
-        first = 0x30 | (self.qos << 1) | int(self.retain)
-        length = len(body) + len(self.payload)
-        return bytes((first,)) + _varint(length) + body + self.payload
+        return (
+            b"".join((self.head, _MID.pack(mid), self.tail)) if self.qos else self.head + self.tail
+        )
 
 
 class MqttSession:
@@ -175,17 +195,16 @@ class MqttSession:
         self._schedule_flush()
 
     def properties(self, hops: int, event_id: str | None) -> bytes:
-        """The MQTT 5 user properties: the hop count, and the event id when there is one."""
+        """The MQTT 5 user properties: the hop count, and the event id when there is one.
+        This runs once per message, so the fixed parts are encoded once."""
         if self._protocol() < MQTTv50:
             return b""
+        hops_pair = self._hops_properties.get(hops)
+        if hops_pair is None:
+            hops_pair = self._hops_properties[hops] = _user_property(HOPS_PROPERTY, str(hops))
         if event_id is None:
-            properties = self._hops_properties.get(hops)
-            if properties is None:
-                pair = _user_property(HOPS_PROPERTY, str(hops))
-                properties = self._hops_properties[hops] = _varint(len(pair)) + pair
-            return properties
-        pairs = _user_property(HOPS_PROPERTY, str(hops))
-        pairs += _user_property(EVENT_ID_PROPERTY, event_id)
+            return _varint(len(hops_pair)) + hops_pair
+        pairs = b"".join((hops_pair, _EVENT_ID_KEY, _utf8(event_id)))
         return _varint(len(pairs)) + pairs
 
     # -- the session ---------------------------------------------------------------------
@@ -313,7 +332,14 @@ class MqttSession:
 
 
 def _user_property(key: str, value: str) -> bytes:
-    return b"\x26" + _utf8(key) + _utf8(value)
+    return _user_property_key(key) + _utf8(value)
+
+
+def _user_property_key(key: str) -> bytes:
+    return b"\x26" + _utf8(key)
+
+
+_EVENT_ID_KEY = _user_property_key(EVENT_ID_PROPERTY)
 
 
 class MqttTransport:
@@ -363,13 +389,13 @@ class MqttTransport:
         session, with_id, confirmed = self.session, self._with_event_id, self._confirmed
         session.enqueue(
             [
-                _Outgoing(
-                    row.qos,
-                    row.retain,
-                    _utf8(row.topic),
-                    session.properties(row.hops, row.event_id if with_id else None),
-                    row.payload,
-                    partial(confirmed, row),
+                _Outgoing.publish(
+                    qos=row.qos,
+                    retain=row.retain,
+                    topic=_utf8(row.topic),
+                    properties=session.properties(row.hops, row.event_id if with_id else None),
+                    payload=row.payload,
+                    confirm=partial(confirmed, row),
                 )
                 for row in rows
             ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,18 +38,35 @@ class OutboxRow:
 
 
 class TopicTemplate:
-    """A sink's ``topic`` template (``site-7/{topic}``), parsed once."""
+    """A sink's ``topic`` template (``site-7/{topic}``), parsed once.
 
-    __slots__ = ("_literal", "_parts")
+    The usual templates, fixed text or ``{topic}`` with fixed text around it, render without
+    building the values of the fields they do not name: this runs once per forwarded row.
+    """
+
+    __slots__ = ("_around_topic", "_literal", "_parts")
 
     def __init__(self, template: str) -> None:
-        parts = list(string.Formatter().parse(template))
-        self._literal = template if all(name is None for _, name, _, _ in parts) else None
-        self._parts = [(text, name) for text, name, _, _ in parts]
+        parts = [(text, name) for text, name, _, _ in string.Formatter().parse(template)]
+        names = [name for _, name in parts if name is not None]
+        self._parts = parts
+        self._literal = "".join(text for text, _ in parts) if not names else None
+        self._around_topic: tuple[str, str] | None = None
+        if names == ["topic"]:
+            at = next(index for index, (_, name) in enumerate(parts) if name is not None)
+            self._around_topic = (
+                "".join(text for text, _ in parts[: at + 1]),
+                "".join(text for text, _ in parts[at + 1 :]),
+            )
 
-    def render(self, values: Mapping[str, str]) -> str:
+    def render(self, event: Event, *, gateway: str, rule_id: str | None = None) -> str:
+        """The topic of ``event``'s row (``gateway`` and ``rule_id`` fill their fields)."""
         if self._literal is not None:
             return self._literal
+        if self._around_topic is not None:
+            before, after = self._around_topic
+            return f"{before}{event.topic}{after}"
+        values = template_values(event, gateway=gateway, rule_id=rule_id)
         return "".join(text + (values[name] if name else "") for text, name in self._parts)
 
 
