@@ -243,7 +243,8 @@ class MqttSession:
 
     def _on_session(self, connected: bool) -> None:
         """(Re)connected: read the window and send; lost: what was in flight goes back to
-        the head of the queue, in order, for the next connection."""
+        the head of the queue, in order, for the next connection, and the loss is counted
+        (``flux_sink_failures_total{reason="disconnected"}``) unless we are closing it."""
         if connected == self._connected:
             return
         self._connected = connected
@@ -253,15 +254,18 @@ class MqttSession:
         if connected and self._client is not None:
             self._window = self._client.receive_maximum() or DEFAULT_WINDOW
             self._schedule_flush()
-        elif self._in_flight:
+            return
+        unconfirmed = len(self._in_flight)
+        self._queue.extendleft(reversed(list(self._in_flight.values())))
+        self._in_flight.clear()
+        if not self._closed:
             SINK_FAILURES.labels(sink=self.name, reason="disconnected").inc()
             log.warning(
-                "sink %s: session lost; %d unconfirmed messages are sent again on reconnect",
+                "sink %s: lost its connection to the broker; reconnecting (%d unconfirmed "
+                "messages are sent again)",
                 self.name,
-                len(self._in_flight),
+                unconfirmed,
             )
-            self._queue.extendleft(reversed(list(self._in_flight.values())))
-            self._in_flight.clear()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -278,6 +282,7 @@ class MqttSession:
             return
         queue, in_flight = self._queue, self._in_flight
         taken: list[_Outgoing] = []
+        mids: list[int] = []  # the packet ids this turn gave out
         packets: list[bytes] = []
         while queue and (queue[0].qos == 0 or len(in_flight) < self._window):
             message = queue.popleft()
@@ -286,17 +291,17 @@ class MqttSession:
             if message.qos:
                 mid = self._new_mid()
                 in_flight[mid] = message
+                mids.append(mid)
             packets.append(message.packet(mid))
         if not packets:
             return
         if not client.send(b"".join(packets)):
-            # The connection is gone: what was in flight, then what this turn took, back to
-            # the head of the queue for the reconnect.
-            self._connected = False
-            fresh = {id(message) for message in taken}
-            earlier = [m for m in in_flight.values() if id(m) not in fresh]
-            in_flight.clear()
-            queue.extendleft(reversed(earlier + taken))
+            # The connection is gone: what this turn took back to the head of the queue,
+            # then the loss as gmqtt will report it (what was in flight goes before them).
+            for mid in mids:
+                del in_flight[mid]
+            queue.extendleft(reversed(taken))
+            self._on_session(False)
             return
         faults.hit("publish_written")
         for message in taken:

@@ -29,6 +29,10 @@ def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def _disconnects() -> float:
+    return _metric("flux_sink_failures_total", sink="cloud", reason="disconnected")
+
+
 def _settings(
     tmp_path: Path, broker: tuple[str, int], upstream: Upstream, devs: list[str], **sink: Any
 ) -> Any:
@@ -76,8 +80,12 @@ async def test_every_message_reaches_the_upstream_in_order_across_a_30s_outage(
         async with serve_gateway(settings) as (gateway, server):
             _publish(sim, devs, range(0, 100))
             await wait_until(lambda: _complete(listener, devs, 100), timeout=60, what="first 100")
+            lost_before = _disconnects()
             upstream.broker.stop()
             outage_started = time.monotonic()
+            await wait_until(
+                lambda: _disconnects() == lost_before + 1, what="the lost connection counted"
+            )
             for start in range(100, 400, 20):  # the devices go on publishing
                 _publish(sim, devs, range(start, start + 20))
                 await wait_until(
@@ -100,6 +108,8 @@ async def test_every_message_reaches_the_upstream_in_order_across_a_30s_outage(
                 timeout=30,
                 what="the backlog drained",
             )
+            lost_before = _disconnects()
+        assert _disconnects() == lost_before, "closing the session at shutdown is no failure"
         _check_order(listener, devs, 500)
         event_ids = [event_id for _, _, event_id in listener.received()]
         assert all(event_ids), "every forwarded message carries its event id"
