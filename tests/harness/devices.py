@@ -6,15 +6,17 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tests.harness.waiting import unique
+
+T = TypeVar("T")
 
 
 def telemetry(seq: int) -> bytes:
@@ -28,6 +30,7 @@ def telemetry(seq: int) -> bytes:
             "ts": time.time(),
         }
     )
+
 
 class FleetDevice:
     """One simulated sensor of a fleet, as real ones report: slow drifts, not random noise.
@@ -85,6 +88,7 @@ class FleetDevice:
         self.ts += self.interval_s
         return payload
 
+
 def fleet(
     devices: int, per_device: int, *, seed: int = 7, interval_s: float = 5.0
 ) -> list[FleetDevice]:
@@ -94,19 +98,30 @@ def fleet(
         FleetDevice(i, seed=seed, first_ts=first_ts, interval_s=interval_s) for i in range(devices)
     ]
 
+
 def fleet_messages(devices: list[FleetDevice], per_device: int) -> list[tuple[str, dict[str, Any]]]:
     """``per_device`` readings of every device, interleaved as a fleet sends them."""
     return [(d.topic, d.reading()) for _ in range(per_device) for d in devices]
 
-class Listener:
-    """A paho client subscribed (QoS 1) to topic filters, collecting what the gateway
-    publishes as (topic, decoded JSON payload); it subscribes again after a reconnect."""
 
-    def __init__(self, broker: tuple[str, int], *filters: str) -> None:
-        self.messages: list[tuple[str, Any]] = []
+class Subscriber(Generic[T]):
+    """A paho client subscribed (QoS 1) to topic filters, keeping ``record(message)`` of
+    every message in arrival order; it subscribes again after a reconnect."""
+
+    def __init__(
+        self,
+        broker: tuple[str, int],
+        *filters: str,
+        record: Callable[[Any], T],
+        protocol: MQTTProtocolVersion = paho.MQTTv311,
+    ) -> None:
+        self.messages: list[T] = []
+        self._record = record
         self._lock = threading.Lock()
         subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=unique("listen-"))
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=unique("listen-"), protocol=protocol
+        )
         self.client.on_connect = lambda c, *_: c.subscribe([(f, 1) for f in filters])
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.on_message = self._on_message
@@ -116,10 +131,11 @@ class Listener:
             raise TimeoutError("listener not subscribed")
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        recorded = self._record(message)
         with self._lock:
-            self.messages.append((message.topic, orjson.loads(message.payload)))
+            self.messages.append(recorded)
 
-    def received(self) -> list[tuple[str, Any]]:
+    def received(self) -> list[T]:
         """What arrived so far, in order."""
         with self._lock:
             return list(self.messages)
@@ -127,6 +143,17 @@ class Listener:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Listener(Subscriber[tuple[str, Any]]):
+    """A ``Subscriber`` collecting what the gateway publishes as (topic, decoded JSON
+    payload)."""
+
+    def __init__(self, broker: tuple[str, int], *filters: str) -> None:
+        super().__init__(
+            broker, *filters, record=lambda message: (message.topic, orjson.loads(message.payload))
+        )
+
 
 class Device:
     """A paho-mqtt device simulator: publishes and waits for the broker's PUBACKs."""
@@ -163,6 +190,7 @@ class Device:
         self.client.disconnect()
         self.client.loop_stop()
 
+
 @contextmanager
 def device(host: str, port: int) -> Iterator[Device]:
     sim = Device(host, port)
@@ -170,6 +198,7 @@ def device(host: str, port: int) -> Iterator[Device]:
         yield sim
     finally:
         sim.close()
+
 
 class SeqDevice:
     """A paho device with a persistent session that numbers its messages and tracks PUBACKs.

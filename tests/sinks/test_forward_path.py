@@ -5,14 +5,12 @@ is asserted: ``pytest tests/sinks/test_forward_path.py --benchmark-enable``)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from flux.config import MqttConfig, Settings
@@ -21,7 +19,13 @@ from flux.ingest._gmqtt import MQTTv50, MQTTv311
 from flux.sinks.manager import Sinks
 from flux.sinks.mqtt import MqttSession, MqttTransport
 from flux.sinks.rows import OutboxRow, TopicTemplate, new_row_id
-from tests.harness import PrivateMosquitto, mosquitto_available, unique, wait_until
+from tests.harness import (
+    PrivateMosquitto,
+    Subscriber,
+    mosquitto_available,
+    unique,
+    wait_until,
+)
 
 BATCH = 512
 
@@ -55,38 +59,13 @@ def test_topic_template_names_the_event_id() -> None:
     assert TopicTemplate("ids/{event_id}").render(event, gateway="gw") == f"ids/{event.id}"
 
 
-class _Subscriber:
-    """A paho MQTT 5 client recording (topic, payload, qos, retain, user properties)."""
+#: What a subscriber keeps of a message: topic, payload, QoS and user properties.
+Arrival = tuple[str, bytes, int, dict[str, str]]
 
-    def __init__(self, broker: tuple[str, int], topic_filter: str) -> None:
-        self.messages: list[tuple[str, bytes, int, bool, dict[str, str]]] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=unique("enc-sub-"), protocol=paho.MQTTv5
-        )
-        self.client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(*broker)
-        self.client.loop_start()
-        if not subscribed.wait(10):
-            raise TimeoutError("the subscriber is not subscribed")
 
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        properties = dict(getattr(message.properties, "UserProperty", None) or [])
-        with self._lock:
-            self.messages.append(
-                (message.topic, message.payload, message.qos, bool(message.retain), properties)
-            )
-
-    def received(self) -> list[tuple[str, bytes, int, bool, dict[str, str]]]:
-        with self._lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def _arrival(message: Any) -> Arrival:
+    properties = dict(getattr(message.properties, "UserProperty", None) or [])
+    return (message.topic, message.payload, message.qos, properties)
 
 
 def _session(broker: tuple[str, int], protocol: int) -> MqttSession:
@@ -121,7 +100,7 @@ async def test_rows_arrive_as_published_whatever_their_size_and_qos(
         for size in (5, 200, 20_000)
         for qos in (0, 1)
     ]
-    subscriber = _Subscriber(broker, f"{prefix}/#")
+    subscriber = Subscriber(broker, f"{prefix}/#", record=_arrival, protocol=paho.MQTTv5)
     confirmed: list[OutboxRow] = []
     try:
         transport = MqttTransport(_session(broker, protocol), window=100, with_event_id=True)
@@ -135,7 +114,7 @@ async def test_rows_arrive_as_published_whatever_their_size_and_qos(
         # QoS 0 rows are confirmed once written, QoS 1 rows on their PUBACK.
         assert sorted(row.id for row in confirmed) == sorted(row.id for row in rows)
         arrived = {
-            topic: (payload, qos, props) for topic, payload, qos, _, props in subscriber.received()
+            topic: (payload, qos, props) for topic, payload, qos, props in subscriber.received()
         }
         for row in rows:
             payload, qos, properties = arrived[row.topic]
